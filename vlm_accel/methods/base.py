@@ -1,0 +1,67 @@
+"""The method contract: a small class over the runtime's hooks (the kvpress "press" idiom).
+
+A method implements only the hooks it needs; the runtime (``vlm_accel.runtime``) does all the plumbing — finding
+layers, hooks, masks, positions, cache, batch and padding. Hooks:
+
+- :meth:`Method.score_request` — which query rows' attention probabilities it needs at a layer;
+- :meth:`Method.select` — a keep plan (:class:`~vlm_accel.runtime.plan.KeepPlan`) at a layer, or None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from vlm_accel.config import MethodConfig
+
+if TYPE_CHECKING:
+    from vlm_accel.runtime.engine import ModelContext
+    from vlm_accel.runtime.plan import KeepPlan
+    from vlm_accel.runtime.state import ForwardState
+
+
+@dataclass
+class ScoreRequest:
+    """Rows whose attention probabilities a method needs at one layer.
+
+    ``rows`` is ``"last"`` (the last query row: the last prompt token at prefill, the new token at decode) or a
+    long tensor ``[B, M]`` of query indices. ``reduce`` is ``"head_mean"`` (``[B, M, N]``), ``"sum"`` (over heads and
+    rows, ``[B, N]``) or ``"none"`` (``[B, H, M, N]``).
+    """
+
+    rows: str | torch.Tensor = "last"
+    reduce: str = "head_mean"
+
+
+class Method:
+    """Base class of every method. Subclasses set ``config_cls`` and implement the hooks they need."""
+
+    config_cls: ClassVar[type[MethodConfig]]
+    #: True when the method shortens the sequence (pruning / exit); the runtime then refuses generation modes
+    #: whose cache bookkeeping cannot follow per-layer lengths (beam search, static caches, assisted decoding).
+    changes_length: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig) -> None:
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.ctx: ModelContext | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.method_name
+
+    def bind(self, ctx: ModelContext) -> None:
+        """Attach to a model; raise ``ValueError`` if this method cannot act on it (e.g. a layer out of range)."""
+        self.ctx = ctx
+
+    def score_request(self, layer: int, state: ForwardState) -> ScoreRequest | None:
+        return None
+
+    def select(self, layer: int, state: ForwardState) -> KeepPlan | None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,56 @@
+"""Attention probabilities of a few query rows, computed inside the attention function.
+
+SDPA and FlashAttention never materialise attention weights, and switching the model to eager costs the full
+``[B, H, L, L]`` matrix at every layer. Methods that read attention (FastV's last-row scores, SGL, GIFT, TTF) need
+only a few rows at a few layers, so the wrapper computes exactly those rows from the post-RoPE queries and the full
+(cached) keys, with the layer's own mask, in fp32 — O(rows × N) per scoring layer (DESIGN.md, runtime contract).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlm_accel.kernels.row_probs import attention_row_probs
+
+
+def allowed_keys(
+    attention_mask: torch.Tensor | None, rows: torch.Tensor, q_len: int, kv_len: int
+) -> torch.Tensor | None:
+    """Bool ``[B, M, N]``: which keys each requested query row may attend, whatever the mask's backend form.
+
+    Handles the bool 4-D (sdpa), additive float 4-D (eager), 2-D padding (flash) and ``None`` (plain causal)
+    forms transformers passes to attention functions.
+    """
+    batch = rows.shape[0]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask[:, 0] if attention_mask.shape[1] == 1 else attention_mask.amin(1)
+        mask = mask.expand(batch, -1, -1) if mask.shape[0] == 1 else mask
+        picked = mask.gather(1, rows[:, :, None].expand(-1, -1, mask.shape[-1]))[..., -kv_len:]
+        if picked.dtype == torch.bool:
+            return picked
+        return picked > torch.finfo(picked.dtype).min / 2
+    # Causal by index: query row r sits at cache position kv_len - q_len + r.
+    key_pos = torch.arange(kv_len, device=rows.device)
+    allowed = key_pos[None, None, :] <= (kv_len - q_len + rows)[:, :, None]
+    if attention_mask is not None:  # 2-D padding mask (flash): [B, kv_len] (sliced from the right, as flash does)
+        allowed = allowed & attention_mask[:, None, -kv_len:].bool()
+    return allowed
+
+
+def row_attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    scaling: float,
+    reduce: str,
+) -> torch.Tensor:
+    """Probabilities of query ``rows`` (``[B, M]`` indices into the layer's queries) over every key.
+
+    ``query`` is ``[B, Hq, q, D]`` post-RoPE, ``key`` ``[B, Hkv, N, D]`` post-RoPE and already concatenated with the
+    cache (before ``repeat_kv``; GQA is resolved inside the op). Returns fp32, shaped as ``reduce`` says
+    (see :func:`vlm_accel.kernels.attention_row_probs`).
+    """
+    q_rows = query.gather(2, rows[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1]))
+    allowed = allowed_keys(attention_mask, rows, query.shape[2], key.shape[2])
+    return attention_row_probs(q_rows, key, allowed, float(scaling), reduce)

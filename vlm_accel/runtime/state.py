@@ -1,0 +1,108 @@
+"""Per-call and per-generation state of the runtime.
+
+``ForwardState`` lives for one forward of the base VLM model. ``PlanRecord`` is attached to the KV cache object
+so that decode steps (and any later call that continues the same cache) see which tokens each layer kept; it lives
+exactly as long as the generation (hf_internals §3.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlm_accel.runtime.layout import VisualLayout
+from vlm_accel.runtime.plan import KeepPlan
+
+CACHE_ATTRIBUTE = "_vlm_accel_plan_record"
+
+
+@dataclass
+class Stage:
+    """From ``layer`` on (until the next stage), the sequence holds the window positions ``plan.index``."""
+
+    layer: int
+    plan: KeepPlan
+
+
+@dataclass
+class PlanRecord:
+    """What a pruned prefill left in the cache: its stages, and where its query window sat in the cache."""
+
+    stages: list[Stage]
+    prefix_len: int
+    window_len: int
+
+    def stage_for_layer(self, layer: int) -> Stage | None:
+        current = None
+        for stage in self.stages:
+            if stage.layer <= layer:
+                current = stage
+        return current
+
+
+@dataclass
+class ScoreTap:
+    """Attention probabilities requested by a method at one layer.
+
+    ``probs`` is ``[B, M, N]`` (head mean, ``reduce="head_mean"``), ``[B, N]`` (``"sum"``) or ``[B, H, M, N]``
+    (``"none"``). Key column ``n`` is cache position ``n``: the first ``prefix_len`` columns are the cached prefix,
+    the rest follow the sequence the layer saw (``window_index``; None means the whole window).
+    """
+
+    probs: torch.Tensor
+    rows: torch.Tensor
+    window_index: torch.Tensor | None
+
+    def window_scores(self, prefix_len: int, window_len: int, reduce_rows: str = "sum") -> torch.Tensor:
+        """Scores per query-window position ``[B, W]`` (zero where a position is no longer in the sequence)."""
+        probs = self.probs
+        if probs.dim() == 4:
+            probs = probs.mean(dim=1)
+        if probs.dim() == 3:
+            probs = probs.sum(dim=1) if reduce_rows == "sum" else probs.mean(dim=1)
+        cols = probs[:, prefix_len:]
+        if self.window_index is None:
+            return cols[:, :window_len].clone()
+        out = torch.zeros(cols.shape[0], window_len + 1, dtype=cols.dtype, device=cols.device)
+        index = self.window_index
+        target = torch.where(index >= 0, index, window_len)
+        out.scatter_(1, target, cols[:, : index.shape[1]])
+        return out[:, :window_len]
+
+
+@dataclass
+class ForwardState:
+    """Everything the hooks share during one forward of the base VLM model."""
+
+    layout: VisualLayout
+    batch: int
+    window_len: int
+    prefix_len: int
+    attention_mask_2d: torch.Tensor | None
+    continuing: PlanRecord | None = None
+    restore_full_length: bool = True
+    stages: list[Stage] = field(default_factory=list)
+    taps: dict[tuple[int, int], ScoreTap] = field(default_factory=dict)
+    memo: dict[Any, Any] = field(default_factory=dict)
+    full_hidden: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.continuing is None
+
+    @property
+    def current_index(self) -> torch.Tensor | None:
+        """Window positions in the sequence right now (``[B, W']``, -1 = padded slot), or None for all of them."""
+        return self.stages[-1].plan.index if self.stages else None
+
+    def present_mask(self) -> torch.Tensor:
+        """Bool ``[B, W]``: window positions still in the sequence."""
+        if not self.stages:
+            return torch.ones_like(self.layout.visual)
+        return self.stages[-1].plan.keep_mask(self.window_len)
+
+    def tap(self, owner: object, layer: int) -> ScoreTap | None:
+        return self.taps.get((id(owner), layer))
