@@ -11,12 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlm_accel import patch_model
+from vlm_accel.methods.random_prune import RandomPrune, RandomPruneConfig
+
 from families import BATCH_ROWS, BUILDERS
 from inputs import RowSpec, batch_inputs, make_row
 from reference import dropped_position_logits, fastv_keep_mask, keep_top, masked_logits
 from tiny_models import IMAGE_TOKEN, VIDEO_TOKEN
-from vlm_accel import patch_model
-from vlm_accel.methods.random_prune import RandomPrune, RandomPruneConfig
 
 FAMILIES = list(BUILDERS)
 ATOL = 2e-5

@@ -63,6 +63,17 @@ class ModelContext:
         return self.model.config.model_type
 
 
+def _relative_positions(positions: torch.Tensor, current: torch.Tensor | None, window_len: int) -> torch.Tensor:
+    """Where window ``positions`` ``[B, K]`` sit in the current sequence, whose slots hold window positions
+    ``current`` ``[B, W']`` (-1 = padded slot; None = the whole window, in order)."""
+    if current is None:
+        return positions
+    inverse = torch.zeros(current.shape[0], window_len + 1, dtype=torch.long, device=current.device)
+    target = torch.where(current >= 0, current, window_len)
+    inverse.scatter_(1, target, torch.arange(current.shape[1], device=current.device).expand_as(current))
+    return inverse.gather(1, positions)
+
+
 class Runtime:
     """One installed patch on one model: hooks, attention routing, state and stats."""
 
@@ -354,21 +365,24 @@ class Runtime:
         dim = hidden.shape[-1]
         if current is None:
             state.full_hidden = hidden.clone()
-            relative = plan.safe_index
         else:
             target = torch.where(current >= 0, current, state.window_len)
             buffer = torch.cat([state.full_hidden, hidden.new_zeros(state.batch, 1, dim)], dim=1)
             buffer.scatter_(1, target[..., None].expand(-1, -1, dim), hidden)
             state.full_hidden = buffer[:, : state.window_len]
-            # position of each new kept window index inside the current sequence
-            inverse = torch.zeros(state.batch, state.window_len + 1, dtype=torch.long, device=hidden.device)
-            inverse.scatter_(1, target, torch.arange(current.shape[1], device=hidden.device).expand_as(current))
-            relative = inverse.gather(1, plan.safe_index)
         state.stages.append(Stage(index, plan))
         cache = kwargs.get("past_key_values")
         if cache is not None:
             setattr(cache, CACHE_ATTRIBUTE, PlanRecord(list(state.stages), state.prefix_len, state.window_len))
-        return hidden.gather(1, relative[..., None].expand(-1, -1, dim))
+        if plan.groups is None:
+            relative = _relative_positions(plan.safe_index, current, state.window_len)
+            return hidden.gather(1, relative[..., None].expand(-1, -1, dim))
+        # token merging: each kept slot becomes the mean hidden state of its group of window positions
+        batch, width, size = plan.groups.shape
+        relative = _relative_positions(plan.groups.clamp(min=0).view(batch, -1), current, state.window_len)
+        members = hidden.gather(1, relative[..., None].expand(-1, -1, dim)).view(batch, width, size, dim)
+        weights = (plan.groups >= 0).to(hidden.dtype)[..., None]
+        return (members * weights).sum(2) / weights.sum(2).clamp(min=1)
 
     def _gather_layer_inputs(self, stage: Stage, kwargs: dict, state: ForwardState) -> tuple[tuple, torch.Tensor]:
         """cos/sin and position ids of the kept tokens: original positions, gathered (never recomputed)."""

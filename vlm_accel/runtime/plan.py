@@ -14,9 +14,15 @@ import torch
 
 @dataclass
 class KeepPlan:
-    """Positions kept from ``layer`` on. ``index[b, j]`` is a query-window position, or -1 for a padded slot."""
+    """Positions kept from ``layer`` on. ``index[b, j]`` is a query-window position, or -1 for a padded slot.
+
+    ``groups`` (optional, long ``[B, W', G]`` of window positions, -1 = unused) makes slot ``j`` carry the mean of
+    the hidden states of ``groups[b, j]`` instead of its own (token merging / pooling); the slot keeps the position
+    ``index[b, j]`` (its RoPE), which should be one of its group's positions.
+    """
 
     index: torch.Tensor
+    groups: torch.Tensor | None = None
 
     @property
     def valid(self) -> torch.Tensor:
