@@ -1,4 +1,9 @@
-"""Build prompts for the tiny test models: one row at a time, or a left-padded batch of rows."""
+"""Build prompts for the tiny test models: one row at a time, or a left-padded batch of rows.
+
+Each family encodes images differently (hf_internals §1.1): LLaVA one tensor per image; LLaVA-NeXT/OneVision
+anyres tiles + ``image_sizes``; InternVL a flat list of tiles; Qwen2-VL flattened patches + ``image_grid_thw`` +
+``mm_token_type_ids``. ``RowSpec.image_size`` is interpreted per family so rows get different visual-token counts.
+"""
 
 from __future__ import annotations
 
@@ -23,23 +28,58 @@ class RowSpec:
 @dataclass
 class Row:
     input_ids: torch.Tensor  # [L]
-    pixel_values: torch.Tensor | None  # llava: [3, H, W]; anyres: [patches, 3, H, W]
+    pixel_values: torch.Tensor | None
     image_size: tuple[int, int] | None
+    grid_thw: tuple[int, int, int] | None = None
 
 
-def _anyres(model) -> bool:
-    return hasattr(model.config, "image_grid_pinpoints")
+def kind(model) -> str:
+    model_type = model.config.model_type
+    if model_type in ("llava_next", "llava_onevision"):
+        return "anyres"
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        return "qwen"
+    return model_type  # llava, internvl
 
 
-def visual_token_count(model, pixel_values: torch.Tensor, image_size: tuple[int, int]) -> int:
+def _pixels(model, spec: RowSpec, g: torch.Generator) -> tuple[torch.Tensor, tuple[int, int, int] | None]:
+    h, w = spec.image_size
+    family = kind(model)
+    if family == "qwen":
+        # image_size in units of 16 px → a (1, 2h/16·2, ...) grid: (32, 32) → 4×4 patches → 4 merged tokens
+        grid = (1, 4 * h // 32, 4 * w // 32)
+        patch = model.config.vision_config.patch_size
+        temporal = model.config.vision_config.temporal_patch_size
+        return torch.randn(grid[0] * grid[1] * grid[2], 3 * temporal * patch * patch, generator=g), grid
+    side = model.config.vision_config.image_size
+    side = side[0] if isinstance(side, list | tuple) else side
+    if family == "anyres":
+        patches = image_size_to_num_patches(spec.image_size, model.config.image_grid_pinpoints, side)
+        return torch.randn(patches, 3, side, side, generator=g), None
+    if family == "internvl":
+        tiles = (h // side) * (w // side)
+        tiles += 1 if tiles > 1 else 0  # thumbnail
+        return torch.randn(tiles, 3, side, side, generator=g), None
+    return torch.randn(3, side, side, generator=g), None
+
+
+def visual_token_count(model, row: Row) -> int:
     with torch.no_grad():
-        if _anyres(model):
+        family = kind(model)
+        if family == "anyres":
             out = model.model.get_image_features(
-                pixel_values=pixel_values[None], image_sizes=torch.tensor([image_size])
+                pixel_values=row.pixel_values[None], image_sizes=torch.tensor([row.image_size])
             )
+        elif family == "qwen":
+            out = model.model.get_image_features(
+                pixel_values=row.pixel_values, image_grid_thw=torch.tensor([row.grid_thw])
+            )
+        elif family == "internvl":
+            out = model.model.get_image_features(pixel_values=row.pixel_values)
         else:
-            out = model.model.get_image_features(pixel_values=pixel_values[None])
-    return sum(int(f.shape[0]) for f in out.pooler_output)
+            out = model.model.get_image_features(pixel_values=row.pixel_values[None])
+    features = out.pooler_output
+    return sum(int(f.shape[0]) for f in features) if isinstance(features, list | tuple) else features.shape[:-1].numel()
 
 
 def make_row(model, spec: RowSpec) -> Row:
@@ -48,15 +88,11 @@ def make_row(model, spec: RowSpec) -> Row:
     suffix = torch.randint(3, 250, (spec.suffix,), generator=g)
     if spec.image_size is None:
         return Row(torch.cat([prefix, suffix]), None, None)
-    side = model.config.vision_config.image_size
-    if _anyres(model):
-        patches = image_size_to_num_patches(spec.image_size, model.config.image_grid_pinpoints, side)
-        pixel_values = torch.randn(patches, 3, side, side, generator=g)
-    else:
-        pixel_values = torch.randn(3, side, side, generator=g)
-    count = visual_token_count(model, pixel_values, spec.image_size)
-    ids = torch.cat([prefix, torch.full((count,), IMAGE_TOKEN), suffix])
-    return Row(ids, pixel_values, spec.image_size)
+    pixel_values, grid = _pixels(model, spec, g)
+    row = Row(prefix, pixel_values, spec.image_size, grid)
+    count = visual_token_count(model, row)
+    row.input_ids = torch.cat([prefix, torch.full((count,), IMAGE_TOKEN), suffix])
+    return row
 
 
 def batch_inputs(model, rows: list[Row]) -> dict[str, torch.Tensor]:
@@ -68,21 +104,43 @@ def batch_inputs(model, rows: list[Row]) -> dict[str, torch.Tensor]:
         input_ids[i, width - len(row.input_ids) :] = row.input_ids
         attention_mask[i, width - len(row.input_ids) :] = 1
     inputs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    family = kind(model)
+    if family == "qwen":
+        inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
     images = [r for r in rows if r.pixel_values is not None]
     if not images:
         return inputs
-    if _anyres(model):
+    if family == "anyres":
         most = max(r.pixel_values.shape[0] for r in images)
         pv = torch.zeros(len(images), most, *images[0].pixel_values.shape[1:])
         for i, row in enumerate(images):
             pv[i, : row.pixel_values.shape[0]] = row.pixel_values
         inputs["pixel_values"] = pv
         inputs["image_sizes"] = torch.tensor([r.image_size for r in images])
+    elif family == "qwen":
+        inputs["pixel_values"] = torch.cat([r.pixel_values for r in images])
+        inputs["image_grid_thw"] = torch.tensor([r.grid_thw for r in images])
+    elif family == "internvl":
+        inputs["pixel_values"] = torch.cat([r.pixel_values for r in images])
     else:
         inputs["pixel_values"] = torch.stack([r.pixel_values for r in images])
     return inputs
 
 
-def generation_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """The position ids generate() derives from a left-padded mask."""
-    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+def extend_inputs(inputs: dict[str, torch.Tensor], sequences: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inputs of a no-cache forward over ``sequences`` (prompt + generated tokens)."""
+    extra = sequences.shape[1] - inputs["input_ids"].shape[1]
+    out = dict(inputs, input_ids=sequences)
+    ones = torch.ones(sequences.shape[0], extra, dtype=torch.long)
+    out["attention_mask"] = torch.cat([inputs["attention_mask"], ones], dim=1)
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], 0 * ones.int()], dim=1)
+    return out
+
+
+def reference_position_kwargs(model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Explicit position ids as generate() derives them (Qwen2-VL computes its own M-RoPE positions)."""
+    if kind(model) == "qwen":
+        return {}
+    mask = inputs["attention_mask"]
+    return {"position_ids": (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)}

@@ -8,13 +8,13 @@ import math
 
 import torch
 
-from inputs import generation_position_ids
+from inputs import reference_position_kwargs
 
 
 def fastv_keep_mask(model, inputs: dict, layer: int, keep_ratio: float, visual: torch.Tensor) -> torch.Tensor:
     """FastV's kept set from eager attention weights: head-mean last-row probabilities at layer K-1, top-k."""
     with torch.no_grad():
-        out = model(**inputs, position_ids=generation_position_ids(inputs["attention_mask"]), output_attentions=True)
+        out = model(**inputs, **reference_position_kwargs(model, inputs), output_attentions=True)
     scores = out.attentions[layer - 1][:, :, -1, :].mean(1)
     return keep_top(scores, visual, keep_ratio)
 
@@ -47,7 +47,7 @@ def masked_logits(model, inputs: dict, keep: torch.Tensor, layer: int) -> torch.
     handles = [layers[i].register_forward_pre_hook(hide, with_kwargs=True) for i in range(layer, len(layers))]
     try:
         with torch.no_grad():
-            out = model(**inputs, position_ids=generation_position_ids(inputs["attention_mask"]), use_cache=False)
+            out = model(**inputs, **reference_position_kwargs(model, inputs), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -58,8 +58,7 @@ def dropped_position_logits(model, inputs: dict, layer: int) -> torch.Tensor:
     """What a dropped token's logits are: the LM head on the final norm of its hidden state entering ``layer``."""
     with torch.no_grad():
         out = model(
-            **inputs, position_ids=generation_position_ids(inputs["attention_mask"]), output_hidden_states=True,
-            use_cache=False,
+            **inputs, **reference_position_kwargs(model, inputs), output_hidden_states=True, use_cache=False
         )
     hidden = out.hidden_states[layer]
     return model.lm_head(model.model.language_model.norm(hidden))

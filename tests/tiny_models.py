@@ -75,3 +75,55 @@ def tiny_llava_onevision(attn: str = "sdpa", seed: int = 0) -> LlavaOnevisionFor
     )
     config._attn_implementation = attn
     return LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+def tiny_internvl(attn: str = "sdpa", seed: int = 0):
+    """InternViT (32 px tiles, patch 8, pixel-shuffle 0.5 → 4 visual tokens per tile) + Qwen2."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+
+    torch.manual_seed(seed)
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=[32, 32],
+            patch_size=[8, 8],
+        ),
+        text_config=Qwen2Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, max_position_embeddings=512,
+        ),
+        image_token_id=IMAGE_TOKEN, downsample_ratio=0.5,
+    )
+    config._attn_implementation = attn
+    return InternVLForConditionalGeneration(config).eval()
+
+
+def _qwen_vl(module: str, attn: str, seed: int):
+    import importlib
+
+    torch.manual_seed(seed)
+    lib = importlib.import_module("transformers")
+    prefix = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[module]
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "in_chans": 3}
+    if module == "qwen2_5_vl":
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "num_heads": 4,
+                  "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                  "fullatt_block_indexes": [1], "in_channels": 3}
+    text = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": PAD, "bos_token_id": 1,
+            "eos_token_id": 2, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}}
+    config = getattr(lib, f"{prefix}Config")(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=296, vision_end_token_id=297,
+    )
+    config._attn_implementation = attn
+    return getattr(lib, f"{prefix}ForConditionalGeneration")(config).eval()
+
+
+def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0):
+    return _qwen_vl("qwen2_vl", attn, seed)
+
+
+def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0):
+    return _qwen_vl("qwen2_5_vl", attn, seed)

@@ -53,6 +53,16 @@ class Method:
     def name(self) -> str:
         return self.config.method_name
 
+    @classmethod
+    def example_config(cls) -> MethodConfig:
+        """A typical active setting (the config's defaults); the test matrix runs every method with it."""
+        return cls.config_cls()
+
+    @classmethod
+    def noop_config(cls) -> MethodConfig | None:
+        """A setting under which the method must reproduce the unpatched model exactly (None if it has none)."""
+        return None
+
     def bind(self, ctx: ModelContext) -> None:
         """Attach to a model; raise ``ValueError`` if this method cannot act on it (e.g. a layer out of range)."""
         self.ctx = ctx

@@ -48,6 +48,10 @@ class PruneAtLayer(Method):
     changes_length = True
     config: PruneAtLayerConfig
 
+    @classmethod
+    def noop_config(cls) -> PruneAtLayerConfig:
+        return cls.config_cls(keep_ratio=1.0)
+
     def bind(self, ctx) -> None:
         super().bind(ctx)
         last = ctx.num_layers - 1

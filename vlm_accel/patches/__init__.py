@@ -5,10 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from vlm_accel.patches.base import FamilyAdapter
+from vlm_accel.patches.internvl import INTERNVL
 from vlm_accel.patches.llava import LLAVA, LLAVA_NEXT, LLAVA_ONEVISION
+from vlm_accel.patches.qwen2_vl import QWEN2_5_VL, QWEN2_VL
 
 ADAPTERS: dict[str, FamilyAdapter] = {
-    model_type: adapter for adapter in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION) for model_type in adapter.model_types
+    model_type: adapter for adapter in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, INTERNVL, QWEN2_VL, QWEN2_5_VL) for model_type in adapter.model_types
 }
 
 
