@@ -21,6 +21,7 @@ from vlm_accel import (
 
 from families import BATCH_ROWS, BUILDERS
 from inputs import batch_inputs, make_row
+from tiny_models import IMAGE_TOKEN
 
 
 @pytest.fixture
@@ -175,3 +176,21 @@ def test_new_images_on_a_pruned_cache_raise(model):
         out = model(**inputs, use_cache=True)
         with pytest.raises(ValueError, match="new visual tokens cannot be appended"):
             model(**inputs, past_key_values=out.past_key_values)
+
+
+def test_a_generated_placeholder_id_without_visual_inputs_is_plain_text(model):
+    """A decode step may feed back a token equal to the image placeholder id; with no visual inputs it is text."""
+    inputs = batch_inputs(model, [make_row(model, BATCH_ROWS["llava"][0])])
+    step = torch.tensor([[IMAGE_TOKEN]])
+    mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        prefill = model(**inputs, use_cache=True)
+        expected = model(input_ids=step, attention_mask=mask, past_key_values=prefill.past_key_values).logits
+        with patch_model(model, "fastv", keep_ratio=1.0):
+            prefill = model(**inputs, use_cache=True)
+            got = model(input_ids=step, attention_mask=mask, past_key_values=prefill.past_key_values).logits
+        with patch_model(model, "fastv", keep_ratio=0.5):
+            prefill = model(**inputs, use_cache=True)
+            pruned = model(input_ids=step, attention_mask=mask, past_key_values=prefill.past_key_values).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert torch.isfinite(pruned).all()

@@ -9,12 +9,13 @@ layers, hooks, masks, positions, cache, batch and padding. Hooks:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from vlm_accel.config import MethodConfig
+from vlm_accel.config import MethodConfig, field_names
 
 if TYPE_CHECKING:
     from vlm_accel.runtime.engine import ModelContext
@@ -62,6 +63,14 @@ class Method:
     def noop_config(cls) -> MethodConfig | None:
         """A setting under which the method must reproduce the unpatched model exactly (None if it has none)."""
         return None
+
+    @classmethod
+    def sweep_configs(cls, keep_ratios: Sequence[float]) -> list[MethodConfig]:
+        """The settings ``vlm-accel compare`` runs: one per keep ratio for methods with a ``keep_ratio``
+        parameter (other parameters at their defaults), otherwise the example config."""
+        if "keep_ratio" in field_names(cls.config_cls):
+            return [cls.config_cls(keep_ratio=ratio) for ratio in keep_ratios]
+        return [cls.example_config()]
 
     def bind(self, ctx: ModelContext) -> None:
         """Attach to a model; raise ``ValueError`` if this method cannot act on it (e.g. a layer out of range)."""

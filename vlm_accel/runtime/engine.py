@@ -46,6 +46,7 @@ from vlm_accel.runtime.scores import row_attention_probs
 from vlm_accel.runtime.state import CACHE_ATTRIBUTE, ForwardState, PlanRecord, ScoreTap, Stage
 from vlm_accel.runtime.stats import PatchStats
 
+_VISUAL_INPUTS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
 _UNSUPPORTED_CACHE_MODES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
 
 
@@ -61,6 +62,15 @@ class ModelContext:
     @property
     def model_type(self) -> str:
         return self.model.config.model_type
+
+
+def _has_visual_inputs(kwargs: dict) -> bool:
+    """Whether a base-model call carries images or videos (raw pixels or precomputed encoder outputs)."""
+    for name in _VISUAL_INPUTS:
+        value = kwargs.get(name)
+        if value is not None and not (isinstance(value, dict) and not value):
+            return True
+    return False
 
 
 def _relative_positions(positions: torch.Tensor, current: torch.Tensor | None, window_len: int) -> torch.Tensor:
@@ -199,7 +209,10 @@ class Runtime:
                     f"{type(cache).__name__} is not supported with token-pruning methods; use a DynamicCache"
                 )
             if input_ids is not None:
-                layout = VisualLayout.from_input_ids(input_ids, self._visual_ids, mask_2d)
+                # Placeholder ids only mark visual tokens when visual inputs come with them: a decode step may
+                # feed back a generated token that happens to equal the placeholder id, which is then plain text.
+                visual_ids = self._visual_ids if _has_visual_inputs(kwargs) else ()
+                layout = VisualLayout.from_input_ids(input_ids, visual_ids, mask_2d)
                 batch, window = input_ids.shape
             else:
                 embeddings = self.adapter.visual_token_embeddings(self.model)
