@@ -4,12 +4,17 @@ A method implements only the hooks it needs; the runtime (``vlm_accel.runtime``)
 layers, hooks, masks, positions, cache, batch and padding. Hooks:
 
 - :meth:`Method.score_request` — which query rows' attention probabilities it needs at a layer;
-- :meth:`Method.select` — a keep plan (:class:`~vlm_accel.runtime.plan.KeepPlan`) at a layer, or None.
+- :meth:`Method.select` — a keep plan (:class:`~vlm_accel.runtime.plan.KeepPlan`) at a layer, or None; the
+  layer's input hidden states are ``state.layer_input``;
+- :meth:`Method.row_edit` — edit the pre-softmax logits of some query rows at a layer (reweighting);
+- :meth:`Method.on_forward_start` — see the base model's inputs before the forward (e.g. run a guide model);
+- :meth:`Method.on_scores` — receive each score tap as it is computed (e.g. accumulate across layers / steps);
+- :meth:`Method.wrap_generate` — wrap ``model.generate`` (e.g. logits processors, early exit).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,7 +25,7 @@ from vlm_accel.config import MethodConfig, field_names
 if TYPE_CHECKING:
     from vlm_accel.runtime.engine import ModelContext
     from vlm_accel.runtime.plan import KeepPlan
-    from vlm_accel.runtime.state import ForwardState
+    from vlm_accel.runtime.state import ForwardState, ScoreTap
 
 
 @dataclass
@@ -34,6 +39,19 @@ class ScoreRequest:
 
     rows: str | torch.Tensor = "last"
     reduce: str = "head_mean"
+
+
+@dataclass
+class RowEdit:
+    """Edit the pre-softmax logits of some query rows at one layer (attention reweighting).
+
+    ``edit(logits [B, H, M, N] fp32, ctx: RowContext) -> logits``; the runtime recomputes those rows'
+    ``softmax(edited) · V`` and leaves every other row to the stock attention (see
+    :func:`vlm_accel.runtime.scores.edited_rows_attention`). ``rows`` as in :class:`ScoreRequest`.
+    """
+
+    edit: Callable[..., torch.Tensor]
+    rows: str | torch.Tensor = "last"
 
 
 class Method:
@@ -81,6 +99,19 @@ class Method:
 
     def select(self, layer: int, state: ForwardState) -> KeepPlan | None:
         return None
+
+    def row_edit(self, layer: int, state: ForwardState) -> RowEdit | None:
+        return None
+
+    def on_forward_start(self, state: ForwardState, inputs: dict[str, Any]) -> None:
+        """Called once per base-model forward, after the visual layout is known, with the base model's kwargs."""
+
+    def on_scores(self, layer: int, tap: ScoreTap, state: ForwardState) -> None:
+        """Called right after a requested score tap is computed (it is also kept in ``state.taps``)."""
+
+    def wrap_generate(self, generate: Callable[..., Any]) -> Callable[..., Any]:
+        """Return a replacement for ``model.generate`` (the default keeps it)."""
+        return generate
 
     def stats(self) -> dict[str, Any]:
         return {}

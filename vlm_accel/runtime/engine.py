@@ -42,7 +42,7 @@ from vlm_accel.runtime.attention import (
 )
 from vlm_accel.runtime.layout import VisualLayout
 from vlm_accel.runtime.plan import KeepPlan
-from vlm_accel.runtime.scores import row_attention_probs
+from vlm_accel.runtime.scores import edited_rows_attention, row_attention_probs
 from vlm_accel.runtime.state import CACHE_ATTRIBUTE, ForwardState, PlanRecord, ScoreTap, Stage
 from vlm_accel.runtime.stats import PatchStats
 
@@ -133,8 +133,12 @@ class Runtime:
         for index, layer in enumerate(self.layers):
             hook = functools.partial(self._on_layer, index)
             self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-        if self._changes_length and hasattr(self.model, "generate"):
-            self.model.generate = self._guarded_generate(type(self.model).generate.__get__(self.model))
+        wraps_generate = any(type(m).wrap_generate is not Method.wrap_generate for m in self.methods)
+        if (self._changes_length or wraps_generate) and hasattr(self.model, "generate"):
+            generate = type(self.model).generate.__get__(self.model)
+            for method in self.methods:
+                generate = method.wrap_generate(generate)
+            self.model.generate = self._guarded_generate(generate)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -168,21 +172,21 @@ class Runtime:
         def guarded(*args: Any, **kwargs: Any) -> Any:
             config = kwargs.get("generation_config") or self.model.generation_config
             num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-            if num_beams > 1:
+            if num_beams > 1 and self._changes_length:
                 raise ValueError(
                     "beam search (num_beams > 1) is not supported with token-pruning methods: beam reordering "
                     "does not follow per-layer kept tokens; use greedy or sampling"
                 )
             cache_mode = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
-            if cache_mode in _UNSUPPORTED_CACHE_MODES:
+            if cache_mode in _UNSUPPORTED_CACHE_MODES and self._changes_length:
                 raise ValueError(
                     f"cache_implementation={cache_mode!r} is not supported with token-pruning methods "
                     "(layers hold different numbers of tokens); use the default dynamic cache"
                 )
-            if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
+            if self._changes_length and (kwargs.get("assistant_model") or kwargs.get("prompt_lookup_num_tokens")):
                 raise ValueError("assisted / speculative decoding is not supported with token-pruning methods")
             cache = kwargs.get("past_key_values")
-            if cache is not None and not isinstance(cache, DynamicCache):
+            if self._changes_length and cache is not None and not isinstance(cache, DynamicCache):
                 raise ValueError(
                     f"{type(cache).__name__} is not supported with token-pruning methods; pass a DynamicCache"
                 )
@@ -219,9 +223,11 @@ class Runtime:
                 layout = VisualLayout.from_embeddings(inputs_embeds, embeddings, mask_2d)
                 batch, window = inputs_embeds.shape[:2]
             if record is not None and layout.any_visual:
-                raise ValueError(
-                    "new visual tokens cannot be appended to a cache pruned by vlm_accel; start a new cache"
-                )
+                if record.stages:
+                    raise ValueError(
+                        "new visual tokens cannot be appended to a cache pruned by vlm_accel; start a new cache"
+                    )
+                record = None  # a new multimodal turn on an unpruned cache: a fresh prefill after a prefix
             prefix_len = cache.get_seq_length() if cache is not None else 0
             self.state = ForwardState(
                 layout=layout,
@@ -231,6 +237,8 @@ class Runtime:
                 attention_mask_2d=mask_2d,
                 continuing=record,
             )
+            for method in self.methods:
+                method.on_forward_start(self.state, kwargs)
             self.stats.forward_calls += 1
             if record is None:
                 self.stats.prefill_calls += 1
@@ -274,7 +282,14 @@ class Runtime:
             return None
         with self._timed():
             hidden = args[0] if args else kwargs["hidden_states"]
+            state.layer_input = hidden
             if state.is_prefill:
+                cache = kwargs.get("past_key_values")
+                if index == 0 and cache is not None:
+                    # later calls on this cache (decode steps) learn from it where the prompt's visual tokens
+                    # were and what each layer kept; ``stages`` is the live list, so later drops appear in it
+                    record = PlanRecord(state.stages, state.prefix_len, state.window_len, state.layout.visual)
+                    setattr(cache, CACHE_ATTRIBUTE, record)
                 result = self._prefill_layer_inputs(index, hidden, args, kwargs, state)
                 width = (result[0][0] if result and result[0] else hidden).shape[1]
                 self.stats.tokens_per_layer.append(int(width))
@@ -305,15 +320,50 @@ class Runtime:
     # ------------------------------------------------------------------------------------------------ attention
 
     def attend(self, stock: Callable, module: nn.Module, query, key, value, attention_mask, **kwargs):
-        """Called by the registered attention function for every LM attention layer."""
+        """Called by the registered attention function for every LM attention layer.
+
+        Taps the score rows methods asked for, runs the stock attention, and recomputes the rows whose logits a
+        method edits (reweighting) from post-RoPE q and the full K/V — the rest of the layer stays on SDPA/flash.
+        """
         state = self.state
-        if state is not None:
-            with self._timed():
-                for method in self.methods:
-                    request = method.score_request(module.layer_idx, state)
-                    if request is not None:
-                        self._tap_scores(method, request, module, query, key, attention_mask, kwargs, state)
-        return stock(module, query, key, value, attention_mask, **kwargs)
+        if state is None:
+            return stock(module, query, key, value, attention_mask, **kwargs)
+        layer = module.layer_idx
+        with self._timed():
+            for method in self.methods:
+                request = method.score_request(layer, state)
+                if request is not None:
+                    self._tap_scores(method, request, module, query, key, attention_mask, kwargs, state)
+            edits = [e for e in (m.row_edit(layer, state) for m in self.methods) if e is not None]
+        if not edits:
+            return stock(module, query, key, value, attention_mask, **kwargs)
+        batch, heads, q_len, _ = query.shape
+        rows = self._resolve_rows(edits[0].rows, batch, q_len, query.device)
+        if any(not (isinstance(e.rows, str) and e.rows == edits[0].rows) for e in edits[1:]):
+            raise ValueError("composed row edits must act on the same query rows")
+        every_row = rows.shape[1] == q_len
+        output, weights = (None, None) if every_row else stock(module, query, key, value, attention_mask, **kwargs)
+        with self._timed():
+            scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+            visual = state.visual_key_mask(layer, key.shape[2])
+            edited = edited_rows_attention(
+                query, key, value, attention_mask, rows, scaling, visual, [e.edit for e in edits], layer, state
+            )
+            if every_row:
+                order = rows[0].argsort()
+                return edited[:, order].contiguous(), None
+            output = output.scatter(1, rows[:, :, None, None].expand(-1, -1, heads, output.shape[-1]), edited)
+        return output, weights
+
+    @staticmethod
+    def _resolve_rows(rows: str | torch.Tensor, batch: int, q_len: int, device: torch.device) -> torch.Tensor:
+        if isinstance(rows, torch.Tensor):
+            return rows.to(device)
+        if rows == "last":
+            return torch.full((batch, 1), q_len - 1, device=device)
+        if rows == "all":
+            return torch.arange(q_len, device=device).expand(batch, q_len)
+        raise ValueError(f"unknown rows {rows!r}; use 'last', 'all' or a [B, M] tensor")
 
     def _tap_scores(
         self,
@@ -326,19 +376,12 @@ class Runtime:
         kwargs: dict,
         state: ForwardState,
     ) -> None:
-        batch, _, q_len, _ = query.shape
-        if isinstance(request.rows, str):
-            if request.rows == "last":
-                rows = torch.full((batch, 1), q_len - 1, device=query.device)
-            elif request.rows == "all":
-                rows = torch.arange(q_len, device=query.device).expand(batch, q_len)
-            else:
-                raise ValueError(f"unknown score rows {request.rows!r}; use 'last', 'all' or a [B, M] tensor")
-        else:
-            rows = request.rows.to(query.device)
+        rows = self._resolve_rows(request.rows, query.shape[0], query.shape[2], query.device)
         scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
         probs = row_attention_probs(query, key, attention_mask, rows, scaling, request.reduce)
-        state.taps[(id(method), module.layer_idx)] = ScoreTap(probs, rows, state.current_index)
+        tap = ScoreTap(probs, rows, state.current_index)
+        state.taps[(id(method), module.layer_idx)] = tap
+        method.on_scores(module.layer_idx, tap, state)
 
     # ------------------------------------------------------------------------------------------------ prefill
 
@@ -384,9 +427,6 @@ class Runtime:
             buffer.scatter_(1, target[..., None].expand(-1, -1, dim), hidden)
             state.full_hidden = buffer[:, : state.window_len]
         state.stages.append(Stage(index, plan))
-        cache = kwargs.get("past_key_values")
-        if cache is not None:
-            setattr(cache, CACHE_ATTRIBUTE, PlanRecord(list(state.stages), state.prefix_len, state.window_len))
         if plan.groups is None:
             relative = _relative_positions(plan.safe_index, current, state.window_len)
             return hidden.gather(1, relative[..., None].expand(-1, -1, dim))

@@ -8,8 +8,13 @@ only a few rows at a few layers, so the wrapper computes exactly those rows from
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
+from vlm_accel.kernels._reference import fp32_logits, masked_softmax_
 from vlm_accel.kernels.row_probs import attention_row_probs
 
 
@@ -54,3 +59,53 @@ def row_attention_probs(
     q_rows = query.gather(2, rows[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1]))
     allowed = allowed_keys(attention_mask, rows, query.shape[2], key.shape[2])
     return attention_row_probs(q_rows, key, allowed, float(scaling), reduce)
+
+
+@dataclass
+class RowContext:
+    """What a row edit may read besides the logits.
+
+    ``visual``: bool ``[B, M, N]`` — allowed keys that hold prompt visual tokens (following any kept set);
+    ``allowed``: bool ``[B, M, N]``; ``rows``: ``[B, M]`` query indices; ``layer``; ``state`` (the ForwardState).
+    """
+
+    visual: torch.Tensor
+    allowed: torch.Tensor
+    rows: torch.Tensor
+    layer: int
+    state: Any
+
+
+RowEditFn = Callable[[torch.Tensor, RowContext], torch.Tensor]
+
+
+def edited_rows_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    scaling: float,
+    visual_columns: torch.Tensor,
+    edits: list[RowEditFn],
+    layer: int,
+    state: Any,
+) -> torch.Tensor:
+    """Attention output ``[B, M, Hq, D]`` of query ``rows`` with their fp32 logits edited before the softmax.
+
+    ``edits`` receive logits ``[B, Hq, M, N]`` (``-inf`` at disallowed keys) and return new ones; the result is
+    ``softmax(edited) · V`` — the eager semantics of the hallucination-mitigation methods (PAI, PAINT, GIFT),
+    computed for a few rows only so the rest of the layer stays on SDPA / FlashAttention.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads, groups, m = key.shape[1], heads // key.shape[1], rows.shape[1]
+    q_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))
+    allowed = allowed_keys(attention_mask, rows, query.shape[2], key.shape[2])
+    logits = fp32_logits(q_rows.reshape(batch, kv_heads, groups * m, dim), key).mul_(scaling)
+    logits = logits.view(batch, heads, m, -1).masked_fill(~allowed[:, None], float("-inf"))
+    context = RowContext(visual_columns[:, None, :] & allowed, allowed, rows, layer, state)
+    for edit in edits:
+        logits = edit(logits, context)
+    probs = masked_softmax_(logits, allowed[:, None])
+    out = torch.matmul(probs.view(batch, kv_heads, groups * m, -1), value.float())
+    return out.view(batch, heads, m, dim).transpose(1, 2).to(query.dtype)

@@ -28,11 +28,13 @@ class Stage:
 
 @dataclass
 class PlanRecord:
-    """What a pruned prefill left in the cache: its stages, and where its query window sat in the cache."""
+    """What a prefill left in the cache for later calls on it: where its query window sat in the cache, which
+    window positions were visual, and the stages (kept positions per layer range) of any drop."""
 
     stages: list[Stage]
     prefix_len: int
     window_len: int
+    visual: torch.Tensor  # bool [B, W]
 
     def stage_for_layer(self, layer: int) -> Stage | None:
         current = None
@@ -87,6 +89,7 @@ class ForwardState:
     taps: dict[tuple[int, int], ScoreTap] = field(default_factory=dict)
     memo: dict[Any, Any] = field(default_factory=dict)
     full_hidden: torch.Tensor | None = None
+    layer_input: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -106,3 +109,23 @@ class ForwardState:
 
     def tap(self, owner: object, layer: int) -> ScoreTap | None:
         return self.taps.get((id(owner), layer))
+
+    def visual_key_mask(self, layer: int, kv_len: int) -> torch.Tensor:
+        """Bool ``[B, kv_len]``: which key columns of ``layer`` hold visual tokens of the prompt.
+
+        Follows whatever the layer kept (so reweighting composes with pruning): cached prefix columns are never
+        visual; at decode, the columns after the recorded prompt are generated tokens.
+        """
+        if self.continuing is not None:
+            record = self.continuing
+            visual, stage = record.visual, record.stage_for_layer(layer)
+            prefix = record.prefix_len
+        else:
+            visual, prefix = self.layout.visual, self.prefix_len
+            stage = self.stages[-1] if self.stages else None
+        if stage is not None:
+            visual = visual.gather(1, stage.plan.safe_index) & stage.plan.valid
+        columns = torch.zeros(visual.shape[0], kv_len, dtype=torch.bool, device=visual.device)
+        width = min(visual.shape[1], kv_len - prefix)
+        columns[:, prefix : prefix + width] = visual[:, :width]
+        return columns
