@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 _BUILTIN_METHODS: dict[str, str] = {
     "fastv": "vlm_accel.methods.fastv:FastV",
     "random": "vlm_accel.methods.random_prune:RandomPrune",
+    "pai": "vlm_accel.methods.pai:PAI",
 }
 
 _REGISTRY: dict[str, type[Method]] = {}
