@@ -76,12 +76,12 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     key = key.repeat_interleave(groups, dim=1).float()
     value = value.repeat_interleave(groups, dim=1).float()
     logits = torch.matmul(query.float(), key.transpose(2, 3)) * (scaling or query.shape[-1] ** -0.5)
+    if attention_mask is not None:
+        logits = logits + attention_mask[:, :, :, : key.shape[-2]].float()
     edit = _REFERENCE_EDITS.get(module.layer_idx)  # layer -> fn
     if edit is not None:
         first = _REFERENCE_EDITS["first_row"]
         logits[:, :, first:, :] = edit(logits[:, :, first:, :].clone(), module.layer_idx)
-    if attention_mask is not None:
-        logits = logits + attention_mask[:, :, :, : key.shape[-2]].float()
     probs = torch.softmax(logits, dim=-1)
     out = torch.matmul(probs, value).to(query.dtype)
     return out.transpose(1, 2).contiguous(), probs

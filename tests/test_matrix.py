@@ -20,7 +20,7 @@ import functools
 import pytest
 import torch
 
-from vlm_accel import list_methods, patch_model, supported_model_types
+from vlm_accel import MethodNotApplicable, list_methods, patch_model, supported_model_types
 from vlm_accel.registry import get_method_class
 from vlm_accel.runtime.state import CACHE_ATTRIBUTE
 
@@ -85,7 +85,11 @@ def masked_reference_logits(family: str, inputs: dict, stages: list[tuple[int, t
 
 def patched_run(model, config, inputs: dict, mode: str):
     """Logits [B, steps, V] (forward: every position) and the recorded plan of one patched call."""
-    with torch.no_grad(), patch_model(model, config) as patch:
+    try:
+        patch = patch_model(model, config)
+    except MethodNotApplicable as err:
+        pytest.skip(f"{config.method_name} does not apply to {model.config.model_type}: {err}")
+    with torch.no_grad(), patch:
         if mode == "forward":
             out = model(**inputs, use_cache=True)
             return out.logits, getattr(out.past_key_values, CACHE_ATTRIBUTE, None), None, patch.stats

@@ -4,8 +4,6 @@ test_matrix.py."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -129,4 +127,66 @@ def test_pai_bad_parameters(params, error, message):
         patch_model(BUILDERS["llava"]("sdpa"), "pai", **params)
 
 
-_ = functools  # used by later tests in this module
+
+# ---- PAINT -------------------------------------------------------------------------------------------------
+
+
+def paint_categories(model, inputs: dict, summary_layer: int, local_ratio: float = 0.25) -> torch.Tensor:
+    """Local (1) / summary (2) tokens per prompt position, from eager CLIP attentions (independent of the patch)."""
+    import numpy as np
+
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    local_scores = out.attentions[0][:, :, 0, 1:].sum(1)
+    summary_scores = out.attentions[summary_layer][:, :, 0, 1:].sum(1)
+    per_image = []
+    for local, summary in zip(local_scores, summary_scores):
+        category = torch.zeros(local.shape[0], dtype=torch.long)
+        category[local.topk(int(local.shape[0] * local_ratio)).indices] = 1
+        q1, q3 = np.percentile(summary.numpy(), [25, 75])
+        outliers = int((summary.numpy() > q3 + 1.5 * (q3 - q1)).sum())
+        if outliers:
+            category[summary.topk(outliers).indices] = 2
+        per_image.append(category)
+    visual = (inputs["input_ids"] == IMAGE_TOKEN) & inputs["attention_mask"].bool()
+    categories = torch.zeros(visual.shape, dtype=torch.long)
+    categories[visual] = torch.cat(per_image)
+    return categories
+
+
+def paint_edit(categories: torch.Tensor, visual: torch.Tensor, a: float, b: float, head_specific: bool):
+    def edit(logits: torch.Tensor, layer: int) -> torch.Tensor:
+        n = logits.shape[-1]
+        cats = categories[:, None, None, :n]
+        boost = torch.where(cats == 1, a, torch.where(cats == 2, b, 0.0))
+        if head_specific:
+            mass = (torch.softmax(logits, -1) * visual[:, None, None, :n]).sum(-1, keepdim=True)
+            boost = boost * mass / mass.mean(1, keepdim=True)
+        return torch.where(boost > 0, logits + boost * logits.abs(), logits)
+
+    return edit
+
+
+@pytest.mark.parametrize("head_specific", [False, True])
+def test_paint_equals_dense_eager_reference(head_specific):
+    inputs = prompt_inputs("llava")
+    model = BUILDERS["llava"]("sdpa")
+    with torch.no_grad(), patch_model(model, "paint", alpha=1.0, layers=(0.25, 1.0), head_specific=head_specific,
+                                      summary_layer=-1) as patch:  # fmt: skip
+        got = model(**inputs).logits
+        stats = patch.stats.methods["paint"]
+    eager = BUILDERS["llava"]("eager")
+    categories = paint_categories(eager, inputs, summary_layer=-1)
+    assert stats["local_tokens"] == int((categories == 1).sum()) > 0
+    visual = visual_columns(inputs, inputs["input_ids"].shape[1])
+    edits = dict.fromkeys(layer_range((0.25, 1.0), 4), paint_edit(categories, visual, 0.7, 0.3, head_specific))
+    reference = edited_reference_logits(eager, inputs, edits)
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], reference[valid], rtol=0, atol=ATOL)
+
+
+def test_paint_refuses_models_without_a_cls_patch_layout():
+    from vlm_accel import MethodNotApplicable
+
+    with pytest.raises(MethodNotApplicable, match="CLIP vision tower with a CLS token"):
+        patch_model(BUILDERS["qwen2_vl"]("sdpa"), "paint")

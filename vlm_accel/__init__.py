@@ -5,6 +5,7 @@
 
 from vlm_accel.api import Patch, get_patch, patch_model, unpatch_model
 from vlm_accel.config import MethodConfig
+from vlm_accel.errors import MethodNotApplicable
 from vlm_accel.methods.fastv import FastVConfig
 from vlm_accel.methods.random_prune import RandomPruneConfig
 from vlm_accel.patches import supported_model_types
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FastVConfig",
     "MethodConfig",
+    "MethodNotApplicable",
     "Patch",
     "PatchStats",
     "RandomPruneConfig",

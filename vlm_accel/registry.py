@@ -17,6 +17,7 @@ _BUILTIN_METHODS: dict[str, str] = {
     "fastv": "vlm_accel.methods.fastv:FastV",
     "random": "vlm_accel.methods.random_prune:RandomPrune",
     "pai": "vlm_accel.methods.pai:PAI",
+    "paint": "vlm_accel.methods.paint:PAINT",
 }
 
 _REGISTRY: dict[str, type[Method]] = {}

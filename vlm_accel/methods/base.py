@@ -94,6 +94,9 @@ class Method:
         """Attach to a model; raise ``ValueError`` if this method cannot act on it (e.g. a layer out of range)."""
         self.ctx = ctx
 
+    def unbind(self) -> None:
+        """Detach from the model (remove any hooks the method added in :meth:`bind`)."""
+
     def score_request(self, layer: int, state: ForwardState) -> ScoreRequest | None:
         return None
 

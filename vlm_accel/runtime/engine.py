@@ -141,6 +141,8 @@ class Runtime:
             self.model.generate = self._guarded_generate(generate)
 
     def remove(self) -> None:
+        for method in self.methods:
+            method.unbind()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

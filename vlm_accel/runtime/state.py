@@ -116,16 +116,22 @@ class ForwardState:
         Follows whatever the layer kept (so reweighting composes with pruning): cached prefix columns are never
         visual; at decode, the columns after the recorded prompt are generated tokens.
         """
+        visual = self.continuing.visual if self.continuing is not None else self.layout.visual
+        return self.window_to_columns(visual, layer, kv_len, False)
+
+    def window_to_columns(self, values: torch.Tensor, layer: int, kv_len: int, fill: object) -> torch.Tensor:
+        """Map per-prompt-position ``values [B, W]`` onto the key columns of ``layer`` (``[B, kv_len]``).
+
+        Prefix columns, columns after the prompt (generated tokens) and padded slots get ``fill``.
+        """
         if self.continuing is not None:
-            record = self.continuing
-            visual, stage = record.visual, record.stage_for_layer(layer)
-            prefix = record.prefix_len
+            stage, prefix = self.continuing.stage_for_layer(layer), self.continuing.prefix_len
         else:
-            visual, prefix = self.layout.visual, self.prefix_len
-            stage = self.stages[-1] if self.stages else None
+            stage, prefix = (self.stages[-1] if self.stages else None), self.prefix_len
         if stage is not None:
-            visual = visual.gather(1, stage.plan.safe_index) & stage.plan.valid
-        columns = torch.zeros(visual.shape[0], kv_len, dtype=torch.bool, device=visual.device)
-        width = min(visual.shape[1], kv_len - prefix)
-        columns[:, prefix : prefix + width] = visual[:, :width]
+            gathered = values.gather(1, stage.plan.safe_index)
+            values = torch.where(stage.plan.valid, gathered, torch.full_like(gathered, fill))
+        columns = torch.full((values.shape[0], kv_len), fill, dtype=values.dtype, device=values.device)
+        width = min(values.shape[1], kv_len - prefix)
+        columns[:, prefix : prefix + width] = values[:, :width]
         return columns

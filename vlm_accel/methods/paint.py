@@ -1,0 +1,182 @@
+"""PAINT — Arif et al., "Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large
+Vision-Language Model" (arXiv 2501.12206; released as "PAINT: Paying Attention to INformed Tokens").
+
+As released (``modPAI/.../clip_encoder.py::update_modpai_alpha``, ``modPAI/attention.py::llama_new_forward``):
+
+- **Local tokens** ``S_L``: the top ``⌊P·ρ_L⌋`` patches by CLS→patch attention of ViT layer 0, summed over heads
+  (``ρ_L = 0.25``).
+- **Summary tokens** ``S_S``: CLS→patch attention of the penultimate ViT layer, summed over heads; as many of its
+  top patches as it has upper outliers (``> Q3 + 1.5·IQR``). ``S_L ← S_L \\ S_S``.
+- In LLM layers ``[2, 32)`` of LLaVA-1.5-7B (here ``layers=(2/32, 1.0)``), every head, on the last query row's
+  pre-softmax logits: ``z ← z + a·|z|`` on local tokens and ``z ← z + b·|z|`` on summary tokens; released
+  defaults ``a = 0.7``, ``b = 0.3``. Here ``alpha`` scales both (``a = alpha·local_boost``,
+  ``b = alpha·summary_boost``, ``alpha=1`` is the released setting, ``alpha=0`` the unpatched model).
+
+``head_specific=True`` adds the paper's head-specific modulation, which the released code does not contain, in a
+form of our own design: each head's boosts are scaled by its visual sensitivity in that row, ``w_h = m_h / mean(m)``
+where ``m_h`` is the head's (unedited) attention mass on visual tokens.
+
+The CLS row of the two ViT layers is recomputed from each layer's input (one query row; SDPA gives no weights), so
+the vision tower keeps its backend. Needs a CLIP-style tower with a CLS token whose patches map one-to-one onto the
+visual tokens (LLaVA-1.5: ``vision_feature_select_strategy="default"``, one image per visual-token run).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from vlm_accel.config import check_int, check_number, check_ratio
+from vlm_accel.errors import MethodNotApplicable
+from vlm_accel.methods.base import RowEdit
+from vlm_accel.methods.reweighting import ReweightConfig, ReweightMethod
+from vlm_accel.runtime.scores import RowContext
+from vlm_accel.runtime.state import ForwardState
+
+NONE, LOCAL, SUMMARY = 0, 1, 2
+
+
+@dataclass
+class PAINTConfig(ReweightConfig):
+    method_name: ClassVar[str] = "paint"
+    alpha: float = 1.0
+    layers: tuple[float, float] = (2 / 32, 1.0)
+    local_boost: float = 0.7
+    summary_boost: float = 0.3
+    local_ratio: float = 0.25
+    local_layer: int = 0
+    summary_layer: int = -2
+    head_specific: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("local_boost", "summary_boost"):
+            if check_number(name, getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_ratio("local_ratio", self.local_ratio)
+        check_int("local_layer", self.local_layer)
+        check_int("summary_layer", self.summary_layer)
+        if not isinstance(self.head_specific, bool):
+            raise TypeError(f"head_specific must be a bool, got {self.head_specific!r}")
+
+
+def cls_patch_attention(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """CLS→patch attention of one CLIP encoder layer, summed over heads: ``[images, patches]``."""
+    attention = layer.self_attn
+    x = layer.layer_norm1(hidden)
+    heads, dim = attention.num_heads, attention.head_dim
+    query = attention.q_proj(x[:, :1]).view(x.shape[0], 1, heads, dim).transpose(1, 2)
+    key = attention.k_proj(x).view(x.shape[0], -1, heads, dim).transpose(1, 2)
+    probs = torch.softmax((query.float() @ key.float().transpose(2, 3)) * attention.scale, dim=-1)
+    return probs[:, :, 0, 1:].sum(dim=1)
+
+
+def select_tokens(local_scores: torch.Tensor, summary_scores: torch.Tensor, local_ratio: float) -> torch.Tensor:
+    """Per-patch category (NONE / LOCAL / SUMMARY) of one image, as the released code selects them."""
+    patches = local_scores.shape[0]
+    category = torch.zeros(patches, dtype=torch.long, device=local_scores.device)
+    local = local_scores.topk(int(patches * local_ratio)).indices
+    category[local] = LOCAL
+    q1, q3 = torch.quantile(summary_scores.float(), torch.tensor([0.25, 0.75], device=summary_scores.device))
+    outliers = int((summary_scores > q3 + 1.5 * (q3 - q1)).sum())
+    if outliers:
+        category[summary_scores.topk(outliers).indices] = SUMMARY  # S_L ← S_L \ S_S
+    return category
+
+
+def boost_logits(config: PAINTConfig, categories: torch.Tensor, logits: torch.Tensor, ctx: RowContext):
+    """``z + a·|z|`` on local and ``z + b·|z|`` on summary keys (optionally scaled per head)."""
+    cats = categories[:, None, None, : logits.shape[-1]]
+    boost = torch.zeros_like(logits)
+    boost = torch.where(cats == LOCAL, config.alpha * config.local_boost, boost)
+    boost = torch.where(cats == SUMMARY, config.alpha * config.summary_boost, boost)
+    boost = torch.where(ctx.visual[:, None], boost, torch.zeros_like(boost))
+    if config.head_specific:
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        mass = (probs * ctx.visual[:, None]).sum(-1, keepdim=True)  # [B, H, M, 1]
+        boost = boost * mass / mass.mean(dim=1, keepdim=True).clamp(min=1e-12)
+    return torch.where(boost > 0, logits + boost * logits.abs(), logits)
+
+
+class PAINT(ReweightMethod):
+    config_cls = PAINTConfig
+    config: PAINTConfig
+
+    def bind(self, ctx) -> None:
+        super().bind(ctx)
+        model = ctx.model
+        tower = getattr(model.model, "vision_tower", None)
+        vision_model = getattr(tower, "vision_model", tower)  # CLIPVisionModel, or a wrapper around it
+        encoder_layers = getattr(getattr(vision_model, "encoder", None), "layers", None)
+        strategy = getattr(model.config, "vision_feature_select_strategy", None)
+        if ctx.model_type != "llava" or encoder_layers is None or strategy != "default":
+            raise MethodNotApplicable(
+                f"paint needs a CLIP vision tower with a CLS token whose patches map one-to-one onto the visual "
+                f"tokens (LLaVA-1.5, vision_feature_select_strategy='default'); got model_type {ctx.model_type!r}"
+            )
+        for name in ("local_layer", "summary_layer"):
+            index = getattr(self.config, name)
+            if not -len(encoder_layers) <= index < len(encoder_layers):
+                raise ValueError(f"paint: {name}={index} is out of range for a {len(encoder_layers)}-layer tower")
+        self._pending: dict[int, list[torch.Tensor]] = {}
+        self._categories: torch.Tensor | None = None
+        self._handles = []
+        for name in ("local_layer", "summary_layer"):
+            layer = encoder_layers[getattr(self.config, name)]
+            hook = functools.partial(self._capture, name)
+            self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def unbind(self) -> None:
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        self._handles = []
+
+    def _capture(self, name: str, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.config.alpha > 0:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            with torch.no_grad():
+                self._pending[name] = cls_patch_attention(layer, hidden)
+
+    def _categories_for(self, state: ForwardState) -> torch.Tensor:
+        """Per-window-position categories, built once per prefill from the last vision-tower run."""
+        if "local_layer" not in self._pending:
+            raise RuntimeError("paint: the vision tower did not run before this prefill (no CLS attention captured)")
+        local, summary = self._pending.pop("local_layer"), self._pending.pop("summary_layer")
+        per_image = [select_tokens(local[i], summary[i], self.config.local_ratio) for i in range(local.shape[0])]
+        flat = torch.cat(per_image)
+        visual = state.layout.visual
+        if int(visual.sum()) != flat.numel():
+            raise ValueError(
+                f"paint: {flat.numel()} vision patches for {int(visual.sum())} visual tokens; it needs one visual "
+                "token per patch"
+            )
+        categories = torch.zeros(visual.shape, dtype=torch.long, device=visual.device)
+        categories[visual] = flat.to(visual.device)  # row-major, the order masked_scatter fills placeholders
+        return categories
+
+    def row_edit(self, layer: int, state: ForwardState) -> RowEdit | None:
+        if not self.active(layer):
+            return None
+        if state.is_prefill and "categories" not in state.extras:
+            self._categories = self._categories_for(state) if state.layout.any_visual else None
+            state.extras["categories"] = self._categories
+        if self._categories is None:
+            return None
+        categories = self._categories
+
+        def edit(logits: torch.Tensor, ctx: RowContext) -> torch.Tensor:
+            columns = state.window_to_columns(categories, layer, logits.shape[-1], NONE)
+            return boost_logits(self.config, columns, logits, ctx)
+
+        return RowEdit(edit=edit, rows="last")
+
+    def stats(self) -> dict[str, Any]:
+        if self._categories is None:
+            return {}
+        return {
+            "local_tokens": int((self._categories == LOCAL).sum()),
+            "summary_tokens": int((self._categories == SUMMARY).sum()),
+        }
