@@ -26,7 +26,10 @@ from vlm_accel.runtime.state import CACHE_ATTRIBUTE
 
 from families import BATCH_ROWS, BUILDERS
 from inputs import batch_inputs, extend_inputs, make_row, reference_position_kwargs
+from tiny_models import IMAGE_TOKEN, VIDEO_TOKEN
 
+# random tiny models may generate a placeholder id, which a no-cache reference would read as an image slot
+PLACEHOLDERS = [IMAGE_TOKEN, VIDEO_TOKEN]
 ATOL = 3e-5
 NEW_TOKENS = 3
 METHODS = list_methods()
@@ -58,7 +61,9 @@ def stage_visibility(record, window: int) -> list[tuple[int, torch.Tensor]]:
     return [(stage.layer, stage.plan.keep_mask(window)) for stage in record.stages]
 
 
-def masked_reference_logits(family: str, inputs: dict, stages: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+def masked_reference_logits(
+    family: str, inputs: dict, stages: list[tuple[int, torch.Tensor]]
+) -> torch.Tensor:
     model = model_for(family, "eager")
     seq = inputs["input_ids"].shape[1]
     layers = model.model.language_model.layers
@@ -73,7 +78,8 @@ def masked_reference_logits(family: str, inputs: dict, stages: list[tuple[int, t
         return args, kwargs
 
     handles = [
-        layer.register_forward_pre_hook(functools.partial(hide, i), with_kwargs=True) for i, layer in enumerate(layers)
+        layer.register_forward_pre_hook(functools.partial(hide, i), with_kwargs=True)
+        for i, layer in enumerate(layers)
     ]
     try:
         with torch.no_grad():
@@ -94,7 +100,12 @@ def patched_run(model, config, inputs: dict, mode: str):
             out = model(**inputs, use_cache=True)
             return out.logits, getattr(out.past_key_values, CACHE_ATTRIBUTE, None), None, patch.stats
         out = model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+            **inputs,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            suppress_tokens=PLACEHOLDERS,
             return_dict_in_generate=True,
         )
         record = getattr(out.past_key_values, CACHE_ATTRIBUTE, None)
@@ -106,7 +117,12 @@ def unpatched_run(model, inputs: dict, mode: str):
         if mode == "forward":
             return model(**inputs).logits, None
         out = model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+            **inputs,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            suppress_tokens=PLACEHOLDERS,
             return_dict_in_generate=True,
         )
         return torch.stack(out.logits, dim=1), out.sequences

@@ -13,8 +13,10 @@ from vlm_accel.methods.reweighting import layer_range
 from families import BATCH_ROWS, BUILDERS
 from inputs import batch_inputs, extend_inputs, make_row
 from reference import edited_reference_logits
-from tiny_models import IMAGE_TOKEN
+from tiny_models import IMAGE_TOKEN, VIDEO_TOKEN
 
+# random tiny models may generate a placeholder id, which a no-cache reference would read as an image slot
+PLACEHOLDERS = [IMAGE_TOKEN, VIDEO_TOKEN]
 ATOL = 3e-5
 FAMILIES = list(BUILDERS)
 
@@ -49,13 +51,17 @@ def test_pai_forward_equals_dense_eager_reference(family):
     with torch.no_grad(), patch_model(model, "pai", alpha=0.6, layers=(0.25, 1.0)):
         got = model(**inputs).logits
     visual = visual_columns(inputs, inputs["input_ids"].shape[1])
-    reference = edited_reference_logits(BUILDERS[family]("eager"), inputs, dict.fromkeys(layers, pai_edit(0.6, visual)))
+    reference = edited_reference_logits(
+        BUILDERS[family]("eager"), inputs, dict.fromkeys(layers, pai_edit(0.6, visual))
+    )
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(got[valid], reference[valid], rtol=0, atol=ATOL)
     with torch.no_grad():
         unpatched = BUILDERS[family]("sdpa")(**inputs).logits
     assert (got[:, -1] - unpatched[:, -1]).abs().max() > 1e-4, "the edit should change the last row"
-    torch.testing.assert_close(got[:, :-1][valid[:, :-1]], unpatched[:, :-1][valid[:, :-1]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        got[:, :-1][valid[:, :-1]], unpatched[:, :-1][valid[:, :-1]], rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -63,7 +69,7 @@ def test_pai_generate_equals_reference_at_every_step(family):
     inputs = prompt_inputs(family)
     model = BUILDERS[family]("sdpa")
     with torch.no_grad(), patch_model(model, "pai", alpha=0.6, layers=(0.25, 1.0)):
-        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True, suppress_tokens=PLACEHOLDERS,
                              return_dict_in_generate=True)  # fmt: skip
     eager = BUILDERS[family]("eager")
     layers = layer_range((0.25, 1.0), len(eager.model.language_model.layers))
@@ -127,7 +133,6 @@ def test_pai_bad_parameters(params, error, message):
         patch_model(BUILDERS["llava"]("sdpa"), "pai", **params)
 
 
-
 # ---- PAINT -------------------------------------------------------------------------------------------------
 
 
@@ -179,7 +184,9 @@ def test_paint_equals_dense_eager_reference(head_specific):
     categories = paint_categories(eager, inputs, summary_layer=-1)
     assert stats["local_tokens"] == int((categories == 1).sum()) > 0
     visual = visual_columns(inputs, inputs["input_ids"].shape[1])
-    edits = dict.fromkeys(layer_range((0.25, 1.0), 4), paint_edit(categories, visual, 0.7, 0.3, head_specific))
+    edits = dict.fromkeys(
+        layer_range((0.25, 1.0), 4), paint_edit(categories, visual, 0.7, 0.3, head_specific)
+    )
     reference = edited_reference_logits(eager, inputs, edits)
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(got[valid], reference[valid], rtol=0, atol=ATOL)
@@ -190,3 +197,93 @@ def test_paint_refuses_models_without_a_cls_patch_layout():
 
     with pytest.raises(MethodNotApplicable, match="CLIP vision tower with a CLS token"):
         patch_model(BUILDERS["qwen2_vl"]("sdpa"), "paint")
+
+
+# ---- GIFT --------------------------------------------------------------------------------------------------
+
+
+def gift_log_multiplier(model, inputs: dict, layer: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """α·s[v] per prompt position and the query span, from eager attention weights (paper §3.2, by hand)."""
+    with torch.no_grad():
+        attn = model(**inputs, output_attentions=True).attentions[layer]  # [B, H, L, L]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    visual = (ids == IMAGE_TOKEN) & mask
+    log_m = torch.zeros(ids.shape)
+    span = torch.zeros(ids.shape, dtype=torch.bool)
+    for b in range(ids.shape[0]):
+        last = int(visual[b].nonzero().max())
+        rows = list(range(last + 1, ids.shape[1]))
+        span[b, rows] = True
+        delta = (attn[b][:, rows] - attn[b][:, [r - 1 for r in rows]]).clamp(min=0)[
+            :, :, visual[b]
+        ]  # [H, T, V]
+        heads = delta.sum((1, 2)).topk(attn.shape[1] // 2).indices
+        s = delta[heads].mean((0, 1))
+        s = s.clamp(s.mean() - 3 * s.std(), s.mean() + 3 * s.std())
+        log_m[b, visual[b]] = alpha * (s - s.min()) / (s.max() - s.min())
+    return log_m, span
+
+
+def gift_edit(log_m: torch.Tensor, span: torch.Tensor, visual: torch.Tensor):
+    """Paper §3.3 in the probability domain: boost, ratio, query boost, renormalise."""
+
+    def edit(logits: torch.Tensor, layer: int) -> torch.Tensor:
+        n = logits.shape[-1]
+        vis = visual[:, None, None, :n].float()
+        qry = torch.zeros(visual.shape[0], n, dtype=torch.bool)
+        qry[:, : span.shape[1]] = span[:, :n]
+        qry = qry[:, None, None, :].float()
+        m = torch.ones(visual.shape[0], n)
+        m[:, : log_m.shape[1]] = log_m[:, :n].exp()
+        m = m[:, None, None, :]
+        p = torch.softmax(logits, -1)
+        k = p.shape[1] // 2
+        hv = torch.zeros_like(p[..., :1]).scatter(
+            1, (p * vis).sum(-1, keepdim=True).topk(k, dim=1).indices, 1.0
+        )
+        hq = torch.zeros_like(p[..., :1]).scatter(
+            1, (p * qry).sum(-1, keepdim=True).topk(k, dim=1).indices, 1.0
+        )
+        boosted = torch.where((hv * vis).bool(), p * m, p)
+        r = (boosted * hv * vis).sum((1, 3), keepdim=True) / (p * hv * vis).sum((1, 3), keepdim=True)
+        boosted = torch.where((hq * qry).bool(), boosted * r, boosted)
+        return (boosted / boosted.sum(-1, keepdim=True)).log()
+
+    return edit
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "qwen2_vl"])
+def test_gift_forward_and_generate_equal_the_paper_formulas(family):
+    inputs = prompt_inputs(family)
+    model = BUILDERS[family]("sdpa")
+    with torch.no_grad(), patch_model(model, "gift", alpha=5.0) as patch:
+        forward = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True, suppress_tokens=PLACEHOLDERS,
+                             return_dict_in_generate=True)  # fmt: skip
+    method = patch.methods[0]
+    assert (method.saliency_index, list(method.layers)) == (1, [2])
+    eager = BUILDERS[family]("eager")
+    log_m, span = gift_log_multiplier(eager, inputs, 1, 5.0)
+    window = inputs["input_ids"].shape[1]
+    visual = visual_columns(inputs, window + 3)
+    reference = edited_reference_logits(eager, inputs, {2: gift_edit(log_m, span, visual)})
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(forward[valid], reference[valid], rtol=0, atol=1e-4)
+    for step in range(3):
+        step_inputs = extend_inputs(inputs, out.sequences[:, : window + step])
+        reference = edited_reference_logits(eager, step_inputs, {2: gift_edit(log_m, span, visual)},
+                                            first_row=window - 1)  # fmt: skip
+        torch.testing.assert_close(out.logits[step], reference[:, -1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"saliency_layer": 0.9}, "must come before the first enhancement layer"),
+        ({"head_fraction": 0.0}, "head_fraction must be in"),
+        ({"query_tail": -1}, "query_tail must be in"),
+    ],
+)
+def test_gift_bad_parameters(params, message):
+    with pytest.raises(ValueError, match=message):
+        patch_model(BUILDERS["llava"]("sdpa"), "gift", **params)

@@ -18,6 +18,7 @@ _BUILTIN_METHODS: dict[str, str] = {
     "random": "vlm_accel.methods.random_prune:RandomPrune",
     "pai": "vlm_accel.methods.pai:PAI",
     "paint": "vlm_accel.methods.paint:PAINT",
+    "gift": "vlm_accel.methods.gift:GIFT",
 }
 
 _REGISTRY: dict[str, type[Method]] = {}
