@@ -293,8 +293,10 @@ class Runtime:
                     record = PlanRecord(state.stages, state.prefix_len, state.window_len, state.layout.visual)
                     setattr(cache, CACHE_ATTRIBUTE, record)
                 result = self._prefill_layer_inputs(index, hidden, args, kwargs, state)
-                width = (result[0][0] if result and result[0] else hidden).shape[1]
-                self.stats.tokens_per_layer.append(int(width))
+                if result is not None:
+                    new_args, new_kwargs = result
+                    hidden = new_args[0] if new_args else new_kwargs["hidden_states"]
+                self.stats.tokens_per_layer.append(int(hidden.shape[1]))
                 return result
             stage = state.continuing.stage_for_layer(index)
             if stage is None:
