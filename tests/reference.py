@@ -4,6 +4,7 @@ dropping them). Nothing here uses vlm_accel's runtime."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,29 +30,34 @@ def keep_top(scores: torch.Tensor, visual: torch.Tensor, keep_ratio: float) -> t
     return keep
 
 
-def masked_logits(model, inputs: dict, keep: torch.Tensor, layer: int) -> torch.Tensor:
-    """Logits of the full sequence where layers >= ``layer`` cannot see the prompt positions ``~keep``.
-
-    ``keep`` covers the first ``keep.shape[1]`` positions; later positions (generated tokens) are always visible.
-    """
-    seq = inputs["input_ids"].shape[1]
-    visible = torch.ones(keep.shape[0], seq, dtype=torch.bool)
-    visible[:, : keep.shape[1]] = keep
+def hide_from_layers(model, stages: list[tuple[int, torch.Tensor]], seq: int) -> list:
+    """Hooks making layers ``>= first`` unable to see prompt positions ``~keep`` for each ``(first, keep)`` stage
+    (``keep`` covers the first ``keep.shape[1]`` positions; later ones, the generated tokens, stay visible)."""
     layers = model.model.language_model.layers
 
-    def hide(module, args, kwargs):
+    def hide(index, module, args, kwargs):
+        visible = torch.ones(stages[0][1].shape[0], seq, dtype=torch.bool)
+        for first, keep in stages:
+            if index >= first:
+                visible[:, : keep.shape[1]] = keep
         mask = kwargs["attention_mask"]
         kwargs["attention_mask"] = mask.masked_fill(~visible[:, None, None, :], torch.finfo(mask.dtype).min)
         return args, kwargs
 
-    handles = [layers[i].register_forward_pre_hook(hide, with_kwargs=True) for i in range(layer, len(layers))]
+    return [layer.register_forward_pre_hook(functools.partial(hide, i), with_kwargs=True) for i, layer in
+            enumerate(layers)]  # fmt: skip
+
+
+def masked_logits(model, inputs: dict, stages: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Logits of the full sequence (eager ``model``, no cache) with every stage's dropped prompt positions hidden
+    from its first layer on — the reference for pruning (testbed.md §3: equal to physically dropping them)."""
+    handles = hide_from_layers(model, stages, inputs["input_ids"].shape[1])
     try:
         with torch.no_grad():
-            out = model(**inputs, **reference_position_kwargs(model, inputs), use_cache=False)
+            return model(**inputs, **reference_position_kwargs(model, inputs), use_cache=False).logits
     finally:
-        for h in handles:
-            h.remove()
-    return out.logits
+        for handle in handles:
+            handle.remove()
 
 
 def dropped_position_logits(model, inputs: dict, layer: int) -> torch.Tensor:
@@ -107,19 +113,8 @@ def edited_reference_logits(
     _REFERENCE_EDITS.clear()
     _REFERENCE_EDITS.update(edits)
     _REFERENCE_EDITS["first_row"] = first_row
-    handles = []
-    if hide is not None:
-        seq = inputs["input_ids"].shape[1]
-        visible = torch.ones(hide.shape[0], seq, dtype=torch.bool)
-        visible[:, : hide.shape[1]] = ~hide
-
-        def mask_hook(module, args, kwargs):
-            mask = kwargs["attention_mask"]
-            kwargs["attention_mask"] = mask.masked_fill(~visible[:, None, None, :], torch.finfo(mask.dtype).min)
-            return args, kwargs
-
-        layers = model.model.language_model.layers
-        handles = [layers[i].register_forward_pre_hook(mask_hook, with_kwargs=True) for i in range(hide_from, len(layers))]
+    seq = inputs["input_ids"].shape[1]
+    handles = [] if hide is None else hide_from_layers(model, [(hide_from, ~hide)], seq)
     try:
         with torch.no_grad():
             return model(**inputs, **reference_position_kwargs(model, inputs), use_cache=False).logits

@@ -25,7 +25,8 @@ from vlm_accel.registry import get_method_class
 from vlm_accel.runtime.state import CACHE_ATTRIBUTE
 
 from families import BATCH_ROWS, BUILDERS
-from inputs import batch_inputs, extend_inputs, make_row, reference_position_kwargs
+from inputs import batch_inputs, extend_inputs, make_row
+from reference import masked_logits
 from tiny_models import IMAGE_TOKEN, VIDEO_TOKEN
 
 # random tiny models may generate a placeholder id, which a no-cache reference would read as an image slot
@@ -64,29 +65,17 @@ def stage_visibility(record, window: int) -> list[tuple[int, torch.Tensor]]:
 def masked_reference_logits(
     family: str, inputs: dict, stages: list[tuple[int, torch.Tensor]]
 ) -> torch.Tensor:
-    model = model_for(family, "eager")
-    seq = inputs["input_ids"].shape[1]
-    layers = model.model.language_model.layers
+    return masked_logits(model_for(family, "eager"), inputs, stages)
 
-    def hide(index, module, args, kwargs):
-        visible = torch.ones(inputs["input_ids"].shape[0], seq, dtype=torch.bool)
-        for first, keep in stages:
-            if index >= first:
-                visible[:, : keep.shape[1]] = keep
-        mask = kwargs["attention_mask"]
-        kwargs["attention_mask"] = mask.masked_fill(~visible[:, None, None, :], torch.finfo(mask.dtype).min)
-        return args, kwargs
 
-    handles = [
-        layer.register_forward_pre_hook(functools.partial(hide, i), with_kwargs=True)
-        for i, layer in enumerate(layers)
-    ]
-    try:
-        with torch.no_grad():
-            return model(**inputs, **reference_position_kwargs(model, inputs), use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+GENERATE = {
+    "max_new_tokens": NEW_TOKENS,
+    "min_new_tokens": NEW_TOKENS,
+    "do_sample": False,
+    "output_logits": True,
+    "suppress_tokens": PLACEHOLDERS,
+    "return_dict_in_generate": True,
+}
 
 
 def patched_run(model, config, inputs: dict, mode: str):
@@ -99,15 +88,7 @@ def patched_run(model, config, inputs: dict, mode: str):
         if mode == "forward":
             out = model(**inputs, use_cache=True)
             return out.logits, getattr(out.past_key_values, CACHE_ATTRIBUTE, None), None, patch.stats
-        out = model.generate(
-            **inputs,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_logits=True,
-            suppress_tokens=PLACEHOLDERS,
-            return_dict_in_generate=True,
-        )
+        out = model.generate(**inputs, **GENERATE)
         record = getattr(out.past_key_values, CACHE_ATTRIBUTE, None)
         return torch.stack(out.logits, dim=1), record, out.sequences, patch.stats
 
@@ -116,15 +97,7 @@ def unpatched_run(model, inputs: dict, mode: str):
     with torch.no_grad():
         if mode == "forward":
             return model(**inputs).logits, None
-        out = model.generate(
-            **inputs,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_logits=True,
-            suppress_tokens=PLACEHOLDERS,
-            return_dict_in_generate=True,
-        )
+        out = model.generate(**inputs, **GENERATE)
         return torch.stack(out.logits, dim=1), out.sequences
 
 

@@ -75,7 +75,7 @@ def test_pruned_forward_equals_masked_reference(family, attn, method):
     inputs = batch_inputs(model, [make_row(model, s) for s in BATCH_ROWS[family]])
     keep = expected_keep(method, model, inputs, 0.25)
     eager = BUILDERS[family]("eager")
-    reference = masked_logits(eager, inputs, keep, LAYER)
+    reference = masked_logits(eager, inputs, [(LAYER, keep)])
     dropped_reference = dropped_position_logits(eager, inputs, LAYER)
     with torch.no_grad(), patch_model(model, method, layer=LAYER, keep_ratio=0.25) as patch:
         logits = model(**inputs).logits

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from vlm_accel.kernels import attention_row_probs
 from vlm_accel.kernels._reference import fp32_logits, masked_softmax_
-from vlm_accel.kernels.row_probs import attention_row_probs
 
 
 def allowed_keys(
