@@ -21,6 +21,7 @@ import torch
 
 from vlm_accel.api import patch_model
 from vlm_accel.config import MethodConfig
+from vlm_accel.errors import MethodNotApplicable
 from vlm_accel.registry import get_method_class, list_methods
 
 DEFAULT_KEEP_RATIOS = (0.5, 0.25, 0.1)
@@ -40,7 +41,7 @@ class CompareSettings:
 
 
 def _default_methods() -> tuple[str, ...]:
-    """Every registered method that can run on its own (methods needing e.g. a guide model say so by raising)."""
+    """Every registered method (one that cannot act on the model says so with ``MethodNotApplicable``)."""
     return tuple(list_methods())
 
 
@@ -110,9 +111,16 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
     dataset = make_dataset(settings.n, seed=settings.seed, split="test")
     timing_inputs = timing_batch(processor, dataset, settings.batch_size, settings.device)
     plans: list[tuple[str, MethodConfig | None]] = [("unpatched", None)]
+    skipped: dict[str, str] = {}
     for name in settings.methods or _default_methods():
-        for config in get_method_class(name).sweep_configs(settings.keep_ratios):
-            plans.append((name, config))
+        try:
+            configs = get_method_class(name).sweep_configs(settings.keep_ratios)
+            with patch_model(model, configs[0]):
+                pass  # binding raises MethodNotApplicable for a method that cannot act on this model
+        except MethodNotApplicable as err:
+            skipped[name] = str(err)
+            continue
+        plans.extend((name, config) for config in configs)
     from vlm_accel.testbed import evaluate
 
     seconds = interleaved_prefill_seconds(model, timing_inputs, [c for _, c in plans], settings.timing_repeats)
@@ -142,6 +150,7 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
         "device": settings.device,
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
+        "skipped": skipped,
     }
 
 
@@ -163,9 +172,11 @@ def print_table(result: dict[str, Any]) -> None:
         )  # fmt: skip
     console = Console(width=max(Console().width, 150))
     console.print(table)
+    for name, reason in result.get("skipped", {}).items():
+        console.print(f"skipped {name}: {reason}")
     console.print(
         "kept: share of visual tokens kept; yes@absent-co: yes-rate on absent co-occurring objects "
-        "(hallucination); prefill: speedup over unpatched, median of interleaved forwards on one batch of {result['batch_size']} on "
+        f"(hallucination); prefill: speedup over unpatched, median of interleaved forwards on one batch of {result['batch_size']} on "
         f"{result['device']} ({result['torch_threads']} threads), measured side by side in this run"
     )
 
@@ -183,12 +194,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"), help="directory for JSON and plot")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ValueError(f"--n must be positive, got {args.n}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     methods = tuple(m for m in args.methods.split(",") if m)
     for name in methods:
         get_method_class(name)  # clear error for unknown names before any work

@@ -94,7 +94,8 @@ class GIFT(ReweightMethod):
 
     def bind(self, ctx) -> None:
         super().bind(ctx)
-        self.saliency_index = min(ctx.num_layers - 1, round(self.config.saliency_layer * ctx.num_layers))
+        # floor, so the paper's layer 11 of 32 stays 11 and shallower models keep it before the boosted layers
+        self.saliency_index = min(ctx.num_layers - 1, int(self.config.saliency_layer * ctx.num_layers))
         if self.saliency_index >= self.layers.start:
             raise ValueError(
                 f"gift: the saliency layer ({self.saliency_index}) must come before the first enhancement layer "

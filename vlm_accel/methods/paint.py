@@ -120,7 +120,9 @@ class PAINT(ReweightMethod):
         for name in ("local_layer", "summary_layer"):
             index = getattr(self.config, name)
             if not -len(encoder_layers) <= index < len(encoder_layers):
-                raise ValueError(f"paint: {name}={index} is out of range for a {len(encoder_layers)}-layer tower")
+                raise MethodNotApplicable(
+                    f"paint: {name}={index} is out of range for this {len(encoder_layers)}-layer vision tower"
+                )
         self._pending: dict[int, list[torch.Tensor]] = {}
         self._categories: torch.Tensor | None = None
         self._handles = []
