@@ -29,4 +29,5 @@ def test_compare_runs_every_requested_method_and_writes_json_and_plot(tmp_path):
         assert row["prefill_s"] > 0 and set(row["per_family"]) <= {"color", "shape", "count", "exist", "position"}
     kept = {(r["label"], r["keep_ratio"]): r["visual_kept"] for r in result["rows"]}
     assert kept[("fastv", 0.25)] == kept[("random", 0.25)] == 0.25
+    assert all(row["decode_step_s"] > 0 for row in result["rows"])
     assert (out / "pareto.png").stat().st_size > 0

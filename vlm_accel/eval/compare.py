@@ -2,9 +2,10 @@
 
 For the unpatched model and each method setting (token-selection methods at several keep ratios, the others at
 their example config) it measures per-family accuracy through ``model.generate`` (the testbed's standard chat
-flow), the hallucination yes-rate on absent co-occurring objects, the share of visual tokens kept, and the prefill
-time (one forward as ``generate()`` runs it: vision tower + LM, logits for the last position only) as a ratio to
-the unpatched prefill measured in the same run. Prints a rich table, writes JSON and a Pareto plot.
+flow), the exist-family F1 and the hallucination yes-rate on absent co-occurring objects, the share of visual tokens kept,
+the prefill time (one forward as ``generate()`` runs it: vision tower + LM, logits for the last position only) and
+the time per decode step, as ratios to the unpatched model measured in the same run (interleaved). Prints a rich
+table, writes JSON and a Pareto plot.
 """
 
 from __future__ import annotations
@@ -45,35 +46,49 @@ def _default_methods() -> tuple[str, ...]:
     return tuple(list_methods())
 
 
-def _one_prefill(model, inputs: dict) -> float:
-    cuda = inputs["input_ids"].is_cuda
+DECODE_TOKENS = 8
+
+
+def _timed(fn) -> float:
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    model(**inputs, logits_to_keep=1)
+    fn()
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def interleaved_prefill_seconds(model, inputs: dict, configs: list[MethodConfig | None], rounds: int) -> list[float]:
-    """Median prefill time (one forward, logits for the last position only) of each setting.
+def _prefill_and_decode(model, inputs: dict) -> tuple[float, float]:
+    """Prefill time (one forward, last-position logits, as generate() runs it) and time per decode step
+    (an ``DECODE_TOKENS``-token greedy generate minus its prefill, over the remaining steps)."""
+    prefill = _timed(lambda: model(**inputs, logits_to_keep=1))
+    generate = _timed(lambda: model.generate(**inputs, do_sample=False, max_new_tokens=DECODE_TOKENS,
+                                             min_new_tokens=DECODE_TOKENS))  # fmt: skip
+    return prefill, max(0.0, generate - prefill) / (DECODE_TOKENS - 1)
+
+
+def interleaved_timings(
+    model, inputs: dict, configs: list[MethodConfig | None], rounds: int
+) -> list[tuple[float, float]]:
+    """Median (prefill seconds, seconds per decode step) of each setting.
 
     Settings are timed round-robin — every round patches, times and unpatches each one in turn after a warm-up
     round — so drift in machine load hits every setting alike and the ratios stay honest on a shared machine.
     """
-    times: list[list[float]] = [[] for _ in configs]
+    times: list[list[tuple[float, float]]] = [[] for _ in configs]
     with torch.no_grad():
         for round_index in range(rounds + 1):
             for i, config in enumerate(configs):
                 if config is None:
-                    elapsed = _one_prefill(model, inputs)
+                    elapsed = _prefill_and_decode(model, inputs)
                 else:
                     with patch_model(model, config):
-                        elapsed = _one_prefill(model, inputs)
+                        elapsed = _prefill_and_decode(model, inputs)
                 if round_index:  # round 0 is the warm-up
                     times[i].append(elapsed)
-    return [statistics.median(t) for t in times]
+    return [(statistics.median(p for p, _ in t), statistics.median(d for _, d in t)) for t in times]
 
 
 def timing_batch(processor, dataset, batch_size: int, device: str) -> dict:
@@ -85,7 +100,9 @@ def timing_batch(processor, dataset, batch_size: int, device: str) -> dict:
     return processor(images=images, text=texts, padding=True, return_tensors="pt").to(device)
 
 
-def _row(label: str, config: MethodConfig | None, result, seconds: float, keep_fraction: float) -> dict[str, Any]:
+def _row(
+    label: str, config: MethodConfig | None, result, timing: tuple[float, float], keep_fraction: float
+) -> dict[str, Any]:
     params = config.to_dict() if config is not None else {"method": "none"}
     return {
         "method": params["method"],
@@ -98,7 +115,8 @@ def _row(label: str, config: MethodConfig | None, result, seconds: float, keep_f
         "yes_rate_absent": result.yes_rate_absent,
         "exist_f1": result.exist_f1,
         "visual_kept": keep_fraction,
-        "prefill_s": seconds,
+        "prefill_s": timing[0],
+        "decode_step_s": timing[1],
     }
 
 
@@ -123,11 +141,11 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
         plans.extend((name, config) for config in configs)
     from vlm_accel.testbed import evaluate
 
-    seconds = interleaved_prefill_seconds(model, timing_inputs, [c for _, c in plans], settings.timing_repeats)
+    timings = interleaved_timings(model, timing_inputs, [c for _, c in plans], settings.timing_repeats)
     rows = []
     with Progress(disable=not progress) as bar:
         task = bar.add_task("compare", total=len(plans))
-        for (label, config), prefill_s in zip(plans, seconds):
+        for (label, config), timing in zip(plans, timings):
             bar.update(task, description=f"{label} {getattr(config, 'keep_ratio', '') or ''}")
             if config is None:
                 result = evaluate(model, processor, dataset, batch_size=settings.batch_size)
@@ -136,11 +154,12 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
                 with patch_model(model, config) as patch:
                     result = evaluate(model, processor, dataset, batch_size=settings.batch_size)
                     keep_fraction = patch.stats.visual_keep_fraction
-            rows.append(_row(label, config, result, prefill_s, keep_fraction))
+            rows.append(_row(label, config, result, timing, keep_fraction))
             bar.advance(task)
     base = rows[0]
     for row in rows:
         row["prefill_speedup"] = base["prefill_s"] / row["prefill_s"]
+        row["decode_step_ratio"] = row["decode_step_s"] / base["decode_step_s"] if base["decode_step_s"] else None
         row["retained"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else None
     return {
         "model": settings.model,
@@ -160,15 +179,18 @@ def print_table(result: dict[str, Any]) -> None:
 
     families = list(result["rows"][0]["per_family"])
     table = Table(title=f"vlm-accel compare — {result['model']}, n={result['n']}, seed={result['seed']}")
-    for column in ["method", "keep", "kept", *families, "mean", "retained", "yes@absent-co", "prefill"]:
+    columns = ["method", "keep", "kept", *families, "mean", "retained", "exist F1", "yes@absent-co", "prefill",
+               "decode step"]  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in result["rows"]:
-        yes = row["yes_rate_absent_cooccur"]
+        yes, f1, decode = row["yes_rate_absent_cooccur"], row["exist_f1"], row["decode_step_ratio"]
         table.add_row(
             row["label"], f"{row['keep_ratio']:.2f}", f"{row['visual_kept']:.1%}",
             *(f"{row['per_family'][f]:.3f}" for f in families), f"{row['accuracy']:.3f}",
-            f"{row['retained']:.1%}" if row["retained"] is not None else "-", "-" if yes is None else f"{yes:.3f}",
-            f"{row['prefill_speedup']:.2f}x",
+            f"{row['retained']:.1%}" if row["retained"] is not None else "-", "-" if f1 is None else f"{f1:.3f}",
+            "-" if yes is None else f"{yes:.3f}", f"{row['prefill_speedup']:.2f}x",
+            "-" if decode is None else f"{decode:.2f}x",
         )  # fmt: skip
     console = Console(width=max(Console().width, 150))
     console.print(table)
@@ -176,7 +198,7 @@ def print_table(result: dict[str, Any]) -> None:
         console.print(f"skipped {name}: {reason}")
     console.print(
         "kept: share of visual tokens kept; yes@absent-co: yes-rate on absent co-occurring objects "
-        f"(hallucination); prefill: speedup over unpatched, median of interleaved forwards on one batch of {result['batch_size']} on "
+        f"(hallucination); prefill: speedup over unpatched; decode step: time per decode step relative to unpatched (overhead > 1); medians of interleaved runs on one batch of {result['batch_size']} on "
         f"{result['device']} ({result['torch_threads']} threads), measured side by side in this run"
     )
 
