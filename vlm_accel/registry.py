@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 _BUILTIN_METHODS: dict[str, str] = {
     "fastv": "vlm_accel.methods.fastv:FastV",
     "random": "vlm_accel.methods.random_prune:RandomPrune",
+    "pool": "vlm_accel.methods.pool:Pool",
     "pai": "vlm_accel.methods.pai:PAI",
     "paint": "vlm_accel.methods.paint:PAINT",
     "gift": "vlm_accel.methods.gift:GIFT",

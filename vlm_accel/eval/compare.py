@@ -108,7 +108,7 @@ def _row(
         "method": params["method"],
         "label": label,
         "config": params,
-        "keep_ratio": params.get("keep_ratio", 1.0),
+        "keep_ratio": params.get("keep_ratio") or keep_fraction,  # e.g. pool: the measured share
         "accuracy": result.mean,
         "per_family": result.accuracy,
         "yes_rate_absent_cooccur": result.yes_rate_absent_cooccur,

@@ -61,6 +61,8 @@ class Method:
     #: True when the method shortens the sequence (pruning / exit); the runtime then refuses generation modes
     #: whose cache bookkeeping cannot follow per-layer lengths (beam search, static caches, assisted decoding).
     changes_length: ClassVar[bool] = False
+    #: True when kept slots carry merged (e.g. averaged) hidden states rather than a plain subset of tokens.
+    merges_tokens: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):

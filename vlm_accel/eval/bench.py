@@ -1,0 +1,671 @@
+"""``vlm-accel bench``: unpatched vs patched speed in one run (prefill/TTFT, decode, end to end, memory, KV, FLOPs).
+
+What is measured, per arm (unpatched, then one per ``--method`` spec) and batch size, as medians over
+``--repeats`` runs after ``--warmup`` runs, with arms interleaved within each repeat so that load drift hits every
+arm alike:
+
+- ``prefill_s`` (TTFT): one forward exactly as ``generate()`` runs its first step — vision tower + projector + LM
+  over the whole prompt, a fresh ``DynamicCache``, ``logits_to_keep=1``;
+- ``e2e_s``: ``generate(max_new_tokens=N, min_new_tokens=N)``, greedy (a fixed N, whatever the random weights say);
+- ``decode_tok_s``: ``batch × (N − 1) / (e2e_s − prefill_s)``, the decode throughput implied by the two;
+- ``peak_mem_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` during ``generate`` (weights included) and
+  ``peak_mem_above_weights``; on CPU there is no per-run allocator peak, so both are null (KV bytes are exact);
+- ``kv_bytes``: bytes of the KV cache after the prefill, summed over layers;
+- ``prefill_flops``: analytic LM FLOPs of the prefill (``vlm_accel.eval.flops``) from the per-layer token counts the
+  patch actually produced; ``flops_ideal_speedup`` is unpatched / patched, the ceiling a FLOPs-bound device reaches.
+
+``--model`` is a named geometry (random weights, built directly on the device in the chosen dtype, so speed can be
+measured where weights cannot be downloaded), a testbed model name, or a checkpoint directory / hub id. Prompts are
+synthetic: ``--text-tokens`` random text tokens around one image's visual tokens, identical rows (no padding).
+``--analytic`` skips the run and reports FLOPs / KV bytes / token counts predicted from the config alone (any
+geometry, no memory needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm_accel.eval.flops import TextGeometry, decode_step_flops, prefill_flops
+
+# ---------------------------------------------------------------------------------------------- geometries
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A LLaVA-1.5-style model shape: CLIP vision tower + MLP projector + Llama decoder."""
+
+    description: str
+    vision: dict[str, Any]
+    text: dict[str, Any]
+    image_token_id: int
+
+
+GEOMETRIES: dict[str, Geometry] = {
+    "tiny": Geometry(
+        "CLIP 32px/8 (16 visual tokens) + 4-layer Llama, hidden 64 (tests)",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                    patch_size=8),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512),
+        image_token_id=511,
+    ),
+    "cpu-mid": Geometry(
+        "CLIP 224px/14 (256 visual tokens, 4 layers) + 8-layer Llama, hidden 512, 8 heads, MLP 1376, vocab 32064",
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=224, patch_size=14),
+        text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=32064),
+        image_token_id=32000,
+    ),
+    "llava-1.5-7b": Geometry(
+        "LLaVA-1.5-7B shapes: CLIP ViT-L/14-336 (576 visual tokens) + Llama-2-7B (32 layers, hidden 4096)",
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=336, patch_size=14, projection_dim=768),
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096),
+        image_token_id=32000,
+    ),
+    "llava-1.5-13b": Geometry(
+        "LLaVA-1.5-13B shapes: CLIP ViT-L/14-336 (576 visual tokens) + Llama-2-13B (40 layers, hidden 5120)",
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=336, patch_size=14, projection_dim=768),
+        text=dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                  num_key_value_heads=40, vocab_size=32064, max_position_embeddings=4096),
+        image_token_id=32000,
+    ),
+}  # fmt: skip
+
+
+def geometry_config(name: str):
+    """The ``LlavaConfig`` of a named geometry."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    if name not in GEOMETRIES:
+        raise ValueError(f"unknown geometry {name!r}; known: {', '.join(GEOMETRIES)}")
+    geo = GEOMETRIES[name]
+    text = LlamaConfig(pad_token_id=0, bos_token_id=1, eos_token_id=2, **{"max_position_embeddings": 2048, **geo.text})
+    vision = CLIPVisionConfig(**geo.vision)
+    n_visual = (vision.image_size // vision.patch_size) ** 2
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=geo.image_token_id, image_seq_length=n_visual,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )  # fmt: skip
+
+
+def visual_tokens_per_image(config: Any) -> int:
+    """Visual tokens one image expands to in a ``llava`` model (a square grid; +1 with the 'full' strategy)."""
+    if getattr(config, "model_type", None) != "llava":
+        raise ValueError(
+            f"bench builds synthetic prompts for model_type 'llava' only (one square grid per image), got "
+            f"{getattr(config, 'model_type', None)!r}"
+        )
+    vision = config.vision_config
+    grid = (vision.image_size // vision.patch_size) ** 2
+    return grid + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if name not in names:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(names)}")
+    return names[name]
+
+
+def load_model(spec: str, device: str, dtype: torch.dtype, attn: str) -> tuple[torch.nn.Module, str]:
+    """``(model, source)`` for a geometry name, a testbed name, or a checkpoint directory / hub id."""
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    if spec in GEOMETRIES:
+        config = geometry_config(spec)
+        config._attn_implementation = attn
+        torch.manual_seed(0)
+        with torch.device(device):  # allocate (and randomly initialise) directly on the device, in dtype
+            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        return model.eval(), f"geometry {spec} (random weights)"
+    try:
+        from vlm_accel.testbed import MODEL_NAMES
+    except ImportError:
+        MODEL_NAMES = ()
+    if spec in MODEL_NAMES:
+        from vlm_accel.testbed import load_model as load_testbed
+
+        model, _ = load_testbed(spec, dtype=dtype, device=device)
+        model.set_attn_implementation(attn)
+        return model.eval(), f"testbed {spec}"
+    model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, attn_implementation=attn).to(device)
+    return model.eval(), f"checkpoint {spec}"
+
+
+def synthetic_inputs(config: Any, batch: int, text_tokens: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """One image per row: ``<bos>``, half the text tokens, the visual tokens, the other half. Identical rows."""
+    n_visual = visual_tokens_per_image(config)
+    text_cfg = config.get_text_config()
+    image_id = int(config.image_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    reserved = {image_id, text_cfg.pad_token_id, text_cfg.bos_token_id, text_cfg.eos_token_id}
+    words = torch.randint(3, text_cfg.vocab_size, (text_tokens * 2,), generator=generator)
+    words = [int(w) for w in words if int(w) not in reserved][:text_tokens]
+    half = len(words) // 2
+    ids = [text_cfg.bos_token_id or 1, *words[:half], *([image_id] * n_visual), *words[half:]]
+    input_ids = torch.tensor([ids] * batch, device=device)
+    size = config.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=generator).to(device=device, dtype=dtype)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}
+
+
+# ---------------------------------------------------------------------------------------------- method specs
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass
+class Arm:
+    """One column of the comparison: a label and the method config(s) (empty = unpatched)."""
+
+    label: str
+    configs: list[Any] = field(default_factory=list)
+
+    @property
+    def patched(self) -> bool:
+        return bool(self.configs)
+
+
+def parse_method_spec(spec: str) -> Arm:
+    """``name:param=value,param=value`` → an :class:`Arm` (validated by the method's config class)."""
+    from vlm_accel.registry import get_config_class
+
+    name, _, params_text = spec.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, params_text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"method spec {spec!r}: expected name:param=value,..., got {item!r}")
+        params[key.strip()] = _parse_value(value.strip())
+    config_cls = get_config_class(name.strip())
+    from vlm_accel.config import check_known_params
+
+    check_known_params(config_cls, params)
+    return Arm(label=spec, configs=[config_cls(**params)])
+
+
+def sweep_arms(methods: Sequence[str], layer: int, keep_ratios: Sequence[float], keep_counts: Sequence[int]) -> list[Arm]:
+    """``--methods fastv,random --keep-ratios 0.5,0.25 --layer 2`` → one arm per (method, budget)."""
+    arms = []
+    for budget_key, budgets in (("keep_ratio", keep_ratios), ("keep_count", keep_counts)):
+        for budget in budgets:
+            for method in methods:
+                arms.append(parse_method_spec(f"{method}:layer={layer},{budget_key}={budget}"))
+    return arms
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def cache_bytes(cache: Any) -> tuple[int, list[int]]:
+    """Total bytes and per-layer lengths of a ``DynamicCache``."""
+    total, lengths = 0, []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not torch.is_tensor(keys) or keys.dim() < 3:
+            lengths.append(0)
+            continue
+        total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+        lengths.append(int(keys.shape[-2]))
+    return total, lengths
+
+
+@contextmanager
+def applied(model: torch.nn.Module, arm: Arm) -> Iterator[Any]:
+    """The arm's patch on ``model`` for the duration of the block (nothing for the unpatched arm)."""
+    if not arm.patched:
+        yield None
+        return
+    from vlm_accel.api import patch_model
+
+    patch = patch_model(model, arm.configs[0] if len(arm.configs) == 1 else arm.configs)
+    try:
+        yield patch
+    finally:
+        patch.remove()
+
+
+@dataclass
+class Clock:
+    """Wall-clock seconds and this process's CPU seconds of a block (CPU time is robust to other processes
+    competing for the cores, and meaningful on CPU only: GPU work is asynchronous)."""
+
+    device: str
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    def __enter__(self) -> Clock:
+        _sync(self.device)
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _sync(self.device)
+        self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
+
+
+def time_prefill(model: torch.nn.Module, inputs: dict, device: str) -> tuple[Clock, Any]:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.get_text_config())
+    with Clock(device) as clock, torch.inference_mode():
+        model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return clock, cache
+
+
+def time_vision(model: torch.nn.Module, inputs: dict, device: str) -> Clock:
+    """The vision tower + projector alone (part of every arm's prefill, unchanged by LM pruning)."""
+    with Clock(device) as clock, torch.inference_mode():
+        model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    return clock
+
+
+def time_generate(model: torch.nn.Module, inputs: dict, device: str, new_tokens: int) -> tuple[Clock, int | None]:
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with Clock(device) as clock, torch.inference_mode():
+        out = model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=model.config.get_text_config().pad_token_id or 0,
+        )  # fmt: skip
+    if out.shape[1] != inputs["input_ids"].shape[1] + new_tokens:
+        raise RuntimeError(f"generate produced {out.shape[1] - inputs['input_ids'].shape[1]} tokens, not {new_tokens}")
+    return clock, (torch.cuda.max_memory_allocated() if cuda else None)
+
+
+@dataclass
+class BenchSettings:
+    model: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    attn: str = "sdpa"
+    batch_sizes: tuple[int, ...] = (1, 4)
+    warmup: int = 1
+    repeats: int = 5
+    new_tokens: int = 16
+    text_tokens: int = 64
+    threads: int | None = None
+    seed: int = 0
+
+
+def _static_row(model: torch.nn.Module, arm: Arm, batch: int, inputs: dict, settings: BenchSettings) -> dict:
+    """Token counts, KV bytes and FLOPs of one arm (one untimed prefill)."""
+    geometry = TextGeometry.from_config(model.config)
+    with applied(model, arm) as patch:
+        _, cache = time_prefill(model, inputs, settings.device)
+        kv_bytes, kv_lengths = cache_bytes(cache)
+        seq = int(inputs["input_ids"].shape[1])
+        tokens = list(patch.stats.tokens_per_layer) if patch is not None else [seq] * geometry.layers
+        kept = patch.stats.visual_tokens_kept if patch is not None else None
+        in_patch = patch.stats.time_in_patch_s if patch is not None else 0.0
+    n_visual = visual_tokens_per_image(model.config) * batch
+    return {
+        "arm": arm.label,
+        "method_config": [c.to_dict() for c in arm.configs],
+        "batch": batch,
+        "seq_len": seq,
+        "visual_tokens": n_visual,
+        "visual_tokens_kept": n_visual if kept is None else kept,
+        "tokens_per_layer": tokens,
+        "kv_length_per_layer": kv_lengths,
+        "kv_bytes": kv_bytes,
+        "prefill_flops": prefill_flops(geometry, tokens, batch),
+        "decode_step_flops": decode_step_flops(geometry, [n + 1 for n in kv_lengths], batch),
+        "time_in_patch_s": in_patch,  # the runtime's own hooks during one (untimed) prefill
+    }
+
+
+def _measure_batch(model, all_arms: list[Arm], batch: int, settings: BenchSettings, bar, task) -> list[dict]:
+    """Interleaved timings of every arm at one batch size (warm-up runs discarded), then one row per arm."""
+    dtype = parse_dtype(settings.dtype)
+    inputs = synthetic_inputs(model.config, batch, settings.text_tokens, settings.device, dtype, settings.seed)
+    timings: dict[str, dict[str, list]] = {a.label: defaultdict(list) for a in all_arms}
+    vision: list[float] = []
+    for rep in range(settings.warmup + settings.repeats):
+        measured = rep >= settings.warmup
+        clock = time_vision(model, inputs, settings.device)
+        if measured:
+            vision.append(clock.wall)
+        for arm in all_arms:
+            bar.update(task, description=f"batch {batch} · {arm.label} · {'run' if measured else 'warm-up'}")
+            with applied(model, arm):
+                prefill, _ = time_prefill(model, inputs, settings.device)
+                e2e, mem = time_generate(model, inputs, settings.device, settings.new_tokens)
+            if measured:
+                t = timings[arm.label]
+                t["prefill"].append(prefill.wall)
+                t["e2e"].append(e2e.wall)
+                t["prefill_cpu"].append(prefill.cpu)
+                t["e2e_cpu"].append(e2e.cpu)
+                t["mem"].append(mem)
+            bar.advance(task)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = []
+    for arm in all_arms:
+        row = _static_row(model, arm, batch, inputs, settings)
+        t = timings[arm.label]
+        prefill, e2e = statistics.median(t["prefill"]), statistics.median(t["e2e"])
+        decode_time = e2e - prefill
+        mems = [m for m in t["mem"] if m is not None]
+        row.update(
+            prefill_s=prefill, e2e_s=e2e, vision_s=statistics.median(vision),
+            decode_tok_s=batch * (settings.new_tokens - 1) / decode_time if decode_time > 0 else None,
+            prefill_s_runs=t["prefill"], e2e_s_runs=t["e2e"],
+            peak_mem_bytes=max(mems) if mems else None,
+            peak_mem_above_weights=(max(mems) - weights) if mems else None,
+        )  # fmt: skip
+        if not settings.device.startswith("cuda"):  # CPU time means nothing for asynchronous GPU work
+            row.update(
+                prefill_cpu_s=statistics.median(t["prefill_cpu"]), e2e_cpu_s=statistics.median(t["e2e_cpu"]),
+                prefill_cpu_s_runs=t["prefill_cpu"], e2e_cpu_s_runs=t["e2e_cpu"],
+            )  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def run_bench(settings: BenchSettings, arms: Sequence[Arm], progress: bool = True) -> dict[str, Any]:
+    """Measure every arm at every batch size; returns the JSON-ready result (``meta`` + ``rows``)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    model, source = load_model(settings.model, settings.device, parse_dtype(settings.dtype), settings.attn)
+    all_arms = [Arm("unpatched"), *arms]
+    for arm in arms:  # fail before measuring anything if an arm cannot patch this model
+        with applied(model, arm):
+            pass
+    rows: list[dict[str, Any]] = []
+    runs = len(settings.batch_sizes) * len(all_arms) * (settings.warmup + settings.repeats)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        disable=not progress, transient=False,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("bench", total=runs)
+        for batch in settings.batch_sizes:
+            rows += _measure_batch(model, all_arms, batch, settings, bar, task)
+    add_ratios(rows)
+    return {"meta": _meta(settings, source, model), "rows": rows}
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Speedups of each row over the unpatched row of the same batch size (measured and FLOPs-ideal)."""
+    base = {r["batch"]: r for r in rows if r["arm"] == "unpatched"}
+    for row in rows:
+        ref = base.get(row["batch"])
+        if ref is None:
+            continue
+        row["flops_ideal_speedup"] = ref["prefill_flops"] / row["prefill_flops"]
+        row["kv_fraction"] = row["kv_bytes"] / ref["kv_bytes"] if ref["kv_bytes"] else None
+        if row.get("prefill_s") is not None:
+            row["prefill_speedup"] = ref["prefill_s"] / row["prefill_s"]
+            row["e2e_speedup"] = ref["e2e_s"] / row["e2e_s"]
+            if row.get("prefill_cpu_s") is not None:
+                row["prefill_cpu_speedup"] = ref["prefill_cpu_s"] / row["prefill_cpu_s"]
+                row["e2e_cpu_speedup"] = ref["e2e_cpu_s"] / row["e2e_cpu_s"]
+            vision = row.get("vision_s")
+            if vision is not None and row["prefill_s"] > vision:
+                # the LM's share of the prefill (prefill minus the vision tower), the part FLOPs-ideal describes
+                row["lm_prefill_speedup"] = (ref["prefill_s"] - vision) / (row["prefill_s"] - vision)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _meta(settings: BenchSettings, source: str, model: torch.nn.Module | None) -> dict[str, Any]:
+    import transformers
+
+    import vlm_accel
+
+    device_name = _cpu_name()
+    if settings.device.startswith("cuda") and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name()
+    config = model.config if model is not None else geometry_config(settings.model)
+    return {
+        "settings": dataclasses.asdict(settings),
+        "source": source,
+        "device_name": device_name,
+        "torch_threads": torch.get_num_threads(),
+        "visual_tokens_per_image": visual_tokens_per_image(config),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "vlm_accel": vlm_accel.__version__},  # fmt: skip
+        "peak_memory": ("torch.cuda.max_memory_allocated during generate" if settings.device.startswith("cuda")
+                        else "not measured on CPU (no per-run allocator peak); see kv_bytes"),  # fmt: skip
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["vlm-accel", *sys.argv[1:]]) if sys.argv else "",
+    }
+
+
+# ---------------------------------------------------------------------------------------------- analytic mode
+
+
+def predicted_kept_visual(config: Any, n_visual: int) -> int:
+    """Visual tokens a single-stage method keeps per image, from its config alone."""
+    if hasattr(config, "factor"):  # pool: ceil(side / f)² groups
+        side = math.isqrt(n_visual)
+        return math.ceil(side / config.factor) ** 2
+    if getattr(config, "keep_count", None) is not None:
+        return min(config.keep_count, n_visual)
+    ratio = getattr(config, "keep_ratio", None)
+    if ratio is None:
+        raise ValueError(f"cannot predict the kept tokens of {type(config).__name__} analytically")
+    return max(1, min(n_visual, math.ceil(n_visual * ratio)))
+
+
+def analytic_bench(settings: BenchSettings, arms: Sequence[Arm]) -> dict[str, Any]:
+    """FLOPs, token counts and KV bytes predicted from a geometry's config, without building the model."""
+    from vlm_accel.eval.flops import planned_tokens_per_layer
+
+    config = geometry_config(settings.model)
+    geometry = TextGeometry.from_config(config)
+    n_visual = visual_tokens_per_image(config)
+    seq = 1 + settings.text_tokens + n_visual
+    element = torch.finfo(parse_dtype(settings.dtype)).bits // 8
+    kv_per_token = 2 * geometry.kv_heads * geometry.head_dim * element
+    rows = []
+    for batch in settings.batch_sizes:
+        for arm in [Arm("unpatched"), *arms]:
+            if arm.patched:
+                cfg = arm.configs[0]
+                kept = predicted_kept_visual(cfg, n_visual)
+                tokens = planned_tokens_per_layer(geometry.layers, seq, n_visual, cfg.layer, kept)
+            else:
+                kept, tokens = n_visual, [seq] * geometry.layers
+            rows.append({
+                "arm": arm.label, "method_config": [c.to_dict() for c in arm.configs], "batch": batch,
+                "seq_len": seq, "visual_tokens": n_visual * batch, "visual_tokens_kept": kept * batch,
+                "tokens_per_layer": tokens, "kv_length_per_layer": tokens,
+                "kv_bytes": batch * kv_per_token * sum(tokens),
+                "prefill_flops": prefill_flops(geometry, tokens, batch),
+                "decode_step_flops": decode_step_flops(geometry, [n + 1 for n in tokens], batch),
+            })  # fmt: skip
+    add_ratios(rows)
+    meta = _meta(settings, f"geometry {settings.model} (analytic, not run)", None)
+    return {"meta": meta, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+    return "—" if value is None else format(value * scale, spec)
+
+
+def _table_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, float]]:
+    """(header, row key, format, scale) of the table columns that ``rows`` have data for."""
+    measured = any("prefill_s" in r for r in rows)
+    cpu_time = any("prefill_cpu_speedup" in r for r in rows)
+    columns = []
+    if measured:
+        columns += [("prefill ms", "prefill_s", ".1f", 1e3), ("prefill ×", "prefill_speedup", ".2f", 1.0)]
+        if cpu_time:
+            columns.append(("prefill × cpu-t", "prefill_cpu_speedup", ".2f", 1.0))
+        columns += [("LM-only ×", "lm_prefill_speedup", ".2f", 1.0)]
+    else:
+        columns.append(("prefill GFLOPs", "prefill_flops", ".1f", 1e-9))
+    columns.append(("FLOPs-ideal ×", "flops_ideal_speedup", ".2f", 1.0))
+    if measured:
+        columns += [("decode tok/s", "decode_tok_s", ".1f", 1.0), ("e2e ms", "e2e_s", ".1f", 1e3),
+                    ("e2e ×", "e2e_speedup", ".2f", 1.0)]  # fmt: skip
+        if cpu_time:
+            columns.append(("e2e × cpu-t", "e2e_cpu_speedup", ".2f", 1.0))
+        columns.append(("peak MiB", "peak_mem_bytes", ".0f", 2**-20))
+    columns += [("KV MiB", "kv_bytes", ".2f", 2**-20), ("KV frac", "kv_fraction", ".3f", 1.0)]
+    return columns
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The rich table of a bench result (speedups are over the unpatched arm of the same batch size)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    meta = result["meta"]
+    s = meta["settings"]
+    title = (f"{s['model']} · {meta['source']} · {s['device']} ({meta['device_name']}) · {s['dtype']} · {s['attn']} · "
+             f"{meta['torch_threads']} thread(s) · {meta['visual_tokens_per_image']} visual tokens/image")  # fmt: skip
+    table = Table(title=title, title_justify="left")
+    columns = _table_columns(result["rows"])
+    for header in ["arm", "batch", "vis kept", *(c[0] for c in columns)]:
+        table.add_column(header, justify="left" if header == "arm" else "right")
+    for r in result["rows"]:
+        cells = [r["arm"], str(r["batch"]), f"{r['visual_tokens_kept']}/{r['visual_tokens']}"]
+        cells += [_fmt(r.get(key), spec, scale) for _, key, spec, scale in columns]
+        table.add_row(*cells)
+    console = Console()
+    if not console.is_terminal:  # files / pipes: do not squeeze the table into 80 columns
+        console = Console(width=220)
+    console.print(table)
+    if any("prefill_cpu_speedup" in r for r in result["rows"]):
+        console.print("cpu-t: ratio of this process's CPU time (robust to other processes sharing the cores); "
+                      "LM-only: prefill minus the vision tower; peak memory is not measured on CPU")  # fmt: skip
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``vlm-accel bench``."""
+    p = subparsers.add_parser(
+        "bench", help="speed: unpatched vs patched (prefill, decode, end to end, memory, KV, FLOPs)",
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="geometries: " + "; ".join(f"{k}: {g.description}" for k, g in GEOMETRIES.items()),
+    )  # fmt: skip
+    p.add_argument("--model", default="tiny", help="geometry name, testbed name, or checkpoint dir / hub id")
+    p.add_argument("--method", action="append", default=[], metavar="NAME:K=V,...",
+                   help="an arm, e.g. fastv:layer=2,keep_count=64 (repeatable)")
+    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=[],
+                   help="sweep: methods crossed with --keep-ratios / --keep-counts at --layer, e.g. fastv,random")
+    p.add_argument("--layer", type=int, default=2, help="pruning layer K for --methods (default 2)")
+    p.add_argument("--keep-ratios", type=_float_list, default=(), help="sweep budgets, e.g. 0.5,0.25,0.1")
+    p.add_argument("--keep-counts", type=_int_list, default=(), help="sweep budgets in tokens, e.g. 64")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--attn", default="sdpa", help="attention implementation: sdpa, eager, flash_attention_2")
+    p.add_argument("--batch-sizes", type=_int_list, default=None, help="default 1,8,32 on cuda; 1,4 on cpu")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="measured runs per arm and batch size (median reported)")
+    p.add_argument("--new-tokens", type=int, default=None, help="generated tokens for e2e (default 32 cuda, 16 cpu)")
+    p.add_argument("--text-tokens", type=int, default=64, help="text tokens around the image in the prompt")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--analytic", action="store_true", help="FLOPs/KV/token counts from a geometry, no run")
+    p.add_argument("--json", type=Path, default=None, help="write the full result JSON here")
+    p.add_argument("--plot", type=Path, default=None, help="write the speed plot (PNG/PDF/SVG) here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    if args.warmup < 0 or args.repeats < 1:
+        raise ValueError("--warmup must be >= 0 and --repeats >= 1")
+    return BenchSettings(
+        model=args.model, device=device, dtype=args.dtype or ("bfloat16" if cuda else "float32"), attn=args.attn,
+        batch_sizes=args.batch_sizes or ((1, 8, 32) if cuda else (1, 4)), warmup=args.warmup,
+        repeats=args.repeats, new_tokens=args.new_tokens or (32 if cuda else 16), text_tokens=args.text_tokens,
+        threads=args.threads,
+    )  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    parse_dtype(settings.dtype)
+    if settings.new_tokens < 2:
+        raise ValueError("--new-tokens must be >= 2 (decode throughput needs at least one decode step)")
+    arms = [parse_method_spec(s) for s in args.method]
+    arms += sweep_arms(args.methods, args.layer, args.keep_ratios, args.keep_counts)
+    if args.analytic:
+        result = analytic_bench(settings, arms)
+    else:
+        result = run_bench(settings, arms, progress=not args.no_progress)
+    print_table(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        from vlm_accel.eval.plots import speed_plot
+
+        speed_plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0

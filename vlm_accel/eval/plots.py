@@ -1,0 +1,134 @@
+"""Plots: the speed plot of ``vlm-accel bench`` and the accuracy-vs-speed Pareto plot of ``vlm-accel compare``.
+
+matplotlib with the non-interactive Agg backend; both functions write a file (format from the suffix) and return
+its path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def speed_plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Grouped bars per batch size: measured prefill and end-to-end speedup of each arm over unpatched, with the
+    FLOPs-ideal prefill speedup as a marker, and the KV-cache fraction. An analytic result (no timings) plots the
+    FLOPs-ideal speedup and KV fraction only."""
+    rows = [r for r in result.get("rows", []) if r.get("arm") != "unpatched"]
+    if not rows:
+        raise ValueError("speed_plot needs at least one patched arm in result['rows']")
+    measured = all(r.get("prefill_speedup") is not None for r in rows)
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    by_key = {(r["arm"], r["batch"]): r for r in rows}
+    panels = [("prefill_speedup", "prefill (TTFT) speedup ×"), ("e2e_speedup", "end-to-end speedup ×")] if measured \
+        else [("flops_ideal_speedup", "FLOPs-ideal prefill speedup ×")]  # fmt: skip
+    panels.append(("kv_fraction", "KV cache vs unpatched"))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2 + 0.25 * math.ceil((len(arms) + 1) / 4)), squeeze=False)
+    width = 0.8 / len(arms)
+    for ax, (key, label) in zip(axes[0], panels):
+        for i, arm in enumerate(arms):
+            xs = [b + (i - (len(arms) - 1) / 2) * width for b in range(len(batches))]
+            values = [by_key.get((arm, b), {}).get(key) or 0.0 for b in batches]
+            ax.bar(xs, values, width, label=arm)
+            if key == "prefill_speedup":
+                ideal = [by_key.get((arm, b), {}).get("flops_ideal_speedup") or 0.0 for b in batches]
+                ax.scatter(xs, ideal, marker="_", s=300, color="black", linewidths=2, zorder=3,
+                           label="FLOPs ideal" if i == 0 else None)  # fmt: skip
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        ax.set_title(label)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    meta = result.get("meta", {})
+    settings = meta.get("settings", {})
+    fig.suptitle(
+        f"{settings.get('model', '?')} · {settings.get('device', '?')} ({meta.get('device_name', '')}) · "
+        f"{settings.get('dtype', '')} · {settings.get('attn', '')}",
+        fontsize=9,
+    )
+    rows_of_legend = math.ceil((len(arms) + 1) / 4)
+    fig.tight_layout(rect=(0, 0.06 * rows_of_legend, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (higher x and higher y are better)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def pareto_plot(
+    rows: Sequence[dict[str, Any]],
+    path: str | Path,
+    x: str = "speedup",
+    y: str = "accuracy",
+    series: str = "method",
+    title: str | None = None,
+) -> Path:
+    """Accuracy vs speed (or keep ratio), one series per method, with the overall Pareto front dashed.
+
+    ``rows``: dicts with at least ``rows[i][x]``, ``rows[i][y]`` and ``rows[i][series]`` (e.g. ``{"method":
+    "fastv", "keep_ratio": 0.25, "speedup": 1.8, "accuracy": 0.71}``); an optional ``label`` annotates a point.
+    For ``x="keep_ratio"`` the axis is reversed (less kept = further right), so up-and-right is better either way.
+    """
+    if not rows:
+        raise ValueError("pareto_plot needs at least one row")
+    for i, row in enumerate(rows):
+        missing = [k for k in (x, y, series) if row.get(k) is None]
+        if missing:
+            raise ValueError(f"pareto_plot row {i} lacks {missing}: {row}")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[str(row[series])].append(row)
+    for name, items in groups.items():
+        items = sorted(items, key=lambda r: float(r[x]))
+        ax.plot([float(r[x]) for r in items], [float(r[y]) for r in items], marker="o", label=name)
+        for r in items:
+            if r.get("label") and str(r["label"]) != name:  # annotate only labels that add something
+                ax.annotate(str(r["label"]), (float(r[x]), float(r[y])), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+    sign = -1.0 if x == "keep_ratio" else 1.0
+    points = [(sign * float(r[x]), float(r[y])) for r in rows]
+    front = pareto_front(points)
+    ax.plot([sign * points[i][0] for i in front], [points[i][1] for i in front], linestyle="--", color="black",
+            linewidth=0.8, label="Pareto front")  # fmt: skip
+    if x == "keep_ratio":
+        ax.invert_xaxis()
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(y.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
