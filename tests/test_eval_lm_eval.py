@@ -235,3 +235,14 @@ def test_testbed_model_on_a_testbed_task(tmp_path, monkeypatch):
     assert 0.0 <= results["results"]["vlm_accel_testbed_color"]["exact_match,first_word"] <= 1.0
     stats = results["config"]["vlm_accel"]["stats"]
     assert stats["rows"] == 8 and stats["visual_keep_fraction"] == 0.5
+
+
+def test_testbed_task_data_ignores_model_args_passed_as_metadata(tmp_path, monkeypatch):
+    """lm-eval calls ``custom_dataset(**metadata, **dataset_kwargs)`` with every model argument in the metadata:
+    a method's ``seed`` must not collide with the task's own data seed."""
+    from vlm_accel.testbed.tasks.utils import load_testbed
+
+    monkeypatch.setenv("VLM_ACCEL_CACHE", str(tmp_path))
+    data = load_testbed(pretrained="testbed-l", method="random", seed=3, n=7, family="count",
+                        testbed_family="color", testbed_n=2, testbed_seed=5)  # fmt: skip
+    assert len(data["test"]) == 2 and set(data["test"]["family"]) == {"color"}
