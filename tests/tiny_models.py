@@ -127,3 +127,18 @@ def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0):
 
 def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0):
     return _qwen_vl("qwen2_5_vl", attn, seed)
+
+
+def tiny_llava_sized(attn: str = "sdpa", seed: int = 0, num_layers: int = 4, image_size: int = 32,
+                     hidden_size: int = 64) -> LlavaForConditionalGeneration:
+    """A tiny LLaVA with a chosen LM depth / width and image size (SGL guide pairs: same vision geometry, fewer
+    or narrower layers; a different ``image_size`` gives a different visual-token count)."""
+    torch.manual_seed(seed)
+    text = _llama(num_layers)
+    text.hidden_size = hidden_size
+    config = LlavaConfig(
+        vision_config=_clip(image_size), text_config=text, image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn
+    return LlavaForConditionalGeneration(config).eval()

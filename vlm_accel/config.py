@@ -26,6 +26,10 @@ class MethodConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` / ``TypeError`` naming the offending field; the default accepts everything."""
 
+    def label(self) -> str:
+        """A short name for tables and plots (methods with a mode switch add it)."""
+        return self.method_name
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method_name, **dataclasses.asdict(self)}  # type: ignore[call-overload]
 

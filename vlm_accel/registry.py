@@ -17,6 +17,8 @@ _BUILTIN_METHODS: dict[str, str] = {
     "fastv": "vlm_accel.methods.fastv:FastV",
     "random": "vlm_accel.methods.random_prune:RandomPrune",
     "pool": "vlm_accel.methods.pool:Pool",
+    "sgl": "vlm_accel.methods.sgl:SGL",
+    "dyvte": "vlm_accel.methods.dyvte:DyVTE",
     "pai": "vlm_accel.methods.pai:PAI",
     "paint": "vlm_accel.methods.paint:PAINT",
     "gift": "vlm_accel.methods.gift:GIFT",

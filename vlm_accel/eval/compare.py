@@ -138,7 +138,7 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
         except MethodNotApplicable as err:
             skipped[name] = str(err)
             continue
-        plans.extend((name, config) for config in configs)
+        plans.extend((config.label(), config) for config in configs)
     from vlm_accel.testbed import evaluate
 
     timings = interleaved_timings(model, timing_inputs, [c for _, c in plans], settings.timing_repeats)

@@ -239,8 +239,9 @@ class Runtime:
                 attention_mask_2d=mask_2d,
                 continuing=record,
             )
+            inputs = kwargs if input_ids is None or "input_ids" in kwargs else {**kwargs, "input_ids": input_ids}
             for method in self.methods:
-                method.on_forward_start(self.state, kwargs)
+                method.on_forward_start(self.state, inputs)
             self.stats.forward_calls += 1
             if record is None:
                 self.stats.prefill_calls += 1
