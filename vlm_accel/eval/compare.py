@@ -237,7 +237,10 @@ def main(args: argparse.Namespace) -> int:
     (settings.out_dir / "compare.json").write_text(json.dumps(result, indent=2))
     from vlm_accel.eval.plots import pareto_plot
 
-    plot = pareto_plot(result["rows"], settings.out_dir / "pareto.png", x="prefill_speedup", y="accuracy",
+    # one series per setting family (e.g. sgl and sgl+exit apart); no per-point annotations
+    points = [{"series": row["label"], "prefill_speedup": row["prefill_speedup"], "accuracy": row["accuracy"]}
+              for row in result["rows"]]  # fmt: skip
+    plot = pareto_plot(points, settings.out_dir / "pareto.png", x="prefill_speedup", y="accuracy", series="series",
                        title=f"{result['model']}: accuracy vs prefill speedup")  # fmt: skip
     print(f"wrote {settings.out_dir / 'compare.json'} and {plot}")
     return 0
