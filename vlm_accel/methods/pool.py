@@ -27,6 +27,7 @@ import torch
 from vlm_accel.config import MethodConfig, check_int
 from vlm_accel.errors import MethodNotApplicable
 from vlm_accel.methods.base import Method
+from vlm_accel.methods.pruning import check_drop_layer
 from vlm_accel.runtime.plan import KeepPlan
 from vlm_accel.runtime.state import ForwardState
 
@@ -145,12 +146,7 @@ class Pool(Method):
 
     def bind(self, ctx) -> None:
         super().bind(ctx)
-        last = ctx.num_layers - 1
-        if not 1 <= self.config.layer <= last:
-            raise ValueError(
-                f"pool: layer must be in [1, {last}] for this {ctx.num_layers}-layer language model, "
-                f"got {self.config.layer}"
-            )
+        check_drop_layer("pool", self.config.layer, ctx.num_layers)
         self.side = visual_grid_side(ctx.model.config)
         self.groups = grid_groups(self.side, self.config.factor)
         self.images_pooled = 0

@@ -17,6 +17,14 @@ from vlm_accel.runtime.plan import KeepPlan, keep_counts_from_ratio, top_visual_
 from vlm_accel.runtime.state import ForwardState
 
 
+def check_drop_layer(method: str, layer: int, num_layers: int) -> None:
+    """A layer that may first see a shortened sequence: in ``[1, num_layers - 1]`` (layer 0 is never shortened)."""
+    if not 1 <= layer <= num_layers - 1:
+        raise ValueError(
+            f"{method}: layer must be in [1, {num_layers - 1}] for this {num_layers}-layer language model, got {layer}"
+        )
+
+
 @dataclass
 class PruneAtLayerConfig(MethodConfig):
     """``layer``: the first layer that sees only kept tokens (an int in [1, num_layers - 1]).
@@ -54,12 +62,7 @@ class PruneAtLayer(Method):
 
     def bind(self, ctx) -> None:
         super().bind(ctx)
-        last = ctx.num_layers - 1
-        if not 1 <= self.config.layer <= last:
-            raise ValueError(
-                f"{self.name}: layer must be in [1, {last}] for this {ctx.num_layers}-layer language model, "
-                f"got {self.config.layer}"
-            )
+        check_drop_layer(self.name, self.config.layer, ctx.num_layers)
 
     def keep_counts(self, visual_counts: torch.Tensor) -> torch.Tensor:
         if self.config.keep_count is not None:
