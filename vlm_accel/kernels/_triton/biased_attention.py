@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, new_output, next_pow2, upcast_for
+from ._tiles import load_query_rows, online_softmax_step
 
 _LOG2E = 1.4426950408889634
 LOG2E = tl.constexpr(_LOG2E)
@@ -59,19 +60,8 @@ def _biased_attn_kernel(
     pid_r = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < G * M
-    m = r % M
-    h = kvh * G + r // M
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    q = tl.load(
-        q_ptr + b * sq_b + (h * sq_h + m * sq_m)[:, None] + d[None, :],
-        mask=r_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
+    q, r_ok, m, h, d, d_ok = load_query_rows(q_ptr, b, sq_b, sq_h, sq_m, kvh, pid_r, G, M, D, UPCAST, BLOCK_R,
+                                             BLOCK_D)  # fmt: skip
     pos = m + (N - M)  # absolute position of each query row (bottom-right aligned)
     hi = N
     if CAUSAL:
@@ -99,18 +89,8 @@ def _biased_attn_kernel(
         bias = tl.load(bias_row + n[None, :], mask=valid, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias.to(tl.float32) * LOG2E
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + (n * sv_n)[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        v_ptrs = v_base + (n * sv_n)[:, None] + d[None, :]
+        m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v_ptrs, kv_mask, UPCAST, PRECISION)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         o_ptr + b * so_b + (h * so_h + m * so_m)[:, None] + d[None, :],

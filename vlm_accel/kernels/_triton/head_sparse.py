@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, new_output, next_pow2, upcast_for
+from ._tiles import online_softmax_step
 
 _LOG2E = 1.4426950408889634
 
@@ -86,18 +87,8 @@ def _partial_kernel(
             a = tl.load(a_base + n, mask=n_ok, other=0)
             valid = valid & (a != 0)[None, :]
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + (n * sv_n)[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        v_ptrs = v_base + (n * sv_n)[:, None] + d[None, :]
+        m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v_ptrs, kv_mask, UPCAST, PRECISION)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))

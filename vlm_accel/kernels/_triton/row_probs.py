@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, new_output, next_pow2, upcast_for
+from ._tiles import load_query_rows
 
 _LOG2E = 1.4426950408889634
 _REDUCE_CODE = {"none": 0, "head_mean": 1, "sum": 2}
@@ -56,19 +57,8 @@ def _row_lse_kernel(
     kvh = tl.program_id(1) // SPLITS
     sp = tl.program_id(1) % SPLITS
     b = tl.program_id(2).to(tl.int64)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < G * M
-    m = r % M
-    h = kvh * G + r // M
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    q = tl.load(
-        q_ptr + b * sq_b + (h * sq_h + m * sq_m)[:, None] + d[None, :],
-        mask=r_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
+    q, r_ok, m, h, d, d_ok = load_query_rows(q_ptr, b, sq_b, sq_h, sq_m, kvh, pid_r, G, M, D, UPCAST, BLOCK_R,
+                                             BLOCK_D)  # fmt: skip
     k_base = k_ptr + b * sk_b + kvh.to(tl.int64) * sk_h
     a_base = a_ptr + b * sa_b
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
