@@ -158,6 +158,14 @@ def _run(op, impl, params, fn, dev, args, floor, note="") -> Row:
     return Row(op, impl, params, ms, vs_floor=ms / floor if floor else None, peak_mib=peak, note=note)
 
 
+def _torch_and_triton(op, ref_name, params, call, dev, args, floor) -> list[Row]:
+    """The op through its torch reference (``call(False)``) and, unless ``--reference-only``, through Triton."""
+    rows = [_run(op, ref_name, params, lambda: call(False), dev, args, floor)]
+    if not args.reference_only:
+        rows.append(_run(op, "triton", params, lambda: call(True), dev, args, floor))
+    return rows
+
+
 def sweep_row_probs(dev, dtype, peaks, args, rows, small) -> None:
     ns = [512, 1024] if small else [2048, 8192, 32768]
     ms_ = [1, 16] if small else [1, 16, 64, 256]
@@ -199,33 +207,13 @@ def sweep_row_probs(dev, dtype, peaks, args, rows, small) -> None:
                     fl = floor_ms(byt, flops, peaks)
                     reduce = "head_mean" if m == 1 else "sum"
                     params = {"geo": geo, "B": b, "N": n, "M": m, "reduce": reduce}
-                    new = [
-                        _run(
-                            "row_probs",
-                            "torch",
-                            params,
-                            lambda q=q, key=key, red=reduce: attention_row_probs(
-                                q, key, None, None, red, use_triton=False
-                            ),
-                            dev,
-                            args,
-                            fl,
-                        )
-                    ]
-                    if not args.reference_only:
-                        new.append(
-                            _run(
-                                "row_probs",
-                                "triton",
-                                params,
-                                lambda q=q, key=key, red=reduce: attention_row_probs(
-                                    q, key, None, None, red, use_triton=True
-                                ),
-                                dev,
-                                args,
-                                fl,
-                            )
-                        )
+                    new = _torch_and_triton(
+                        "row_probs", "torch", params,
+                        lambda tri, q=q, key=key, red=reduce: attention_row_probs(
+                            q, key, None, None, red, use_triton=tri
+                        ),
+                        dev, args, fl,
+                    )  # fmt: skip
                     if layer_ms:
                         for r in new:
                             if r.ms:
@@ -380,32 +368,14 @@ def sweep_biased(dev, dtype, peaks, args, rows, small) -> None:
                 args,
                 fl,
             ),
-            _run(
-                "biased_attn",
-                "torch_float_mask",
-                params,
-                lambda q=q, k=k, v=v, bias=bias, c=causal: biased_attention(
-                    q, k, v, bias, None, c, use_triton=False
-                ),
-                dev,
-                args,
-                fl,
-            ),
         ]
-        if not args.reference_only:
-            new.append(
-                _run(
-                    "biased_attn",
-                    "triton",
-                    params,
-                    lambda q=q, k=k, v=v, bias=bias, c=causal: biased_attention(
-                        q, k, v, bias, None, c, use_triton=True
-                    ),
-                    dev,
-                    args,
-                    fl,
-                )
-            )
+        new += _torch_and_triton(
+            "biased_attn", "torch_float_mask", params,
+            lambda tri, q=q, k=k, v=v, bias=bias, c=causal: biased_attention(
+                q, k, v, bias, None, c, use_triton=tri
+            ),
+            dev, args, fl,
+        )  # fmt: skip
         _emit(rows, new, "torch_float_mask")
         del q, k, v
 
@@ -427,33 +397,13 @@ def sweep_head_sparse(dev, dtype, peaks, args, rows, small) -> None:
             byt = 2 * b * active_groups * n * d * k.element_size()
             fl = floor_ms(byt, 4 * b * active_groups * g * n * d, peaks)
             params = {"B": b, "N": n, "active_kv_groups": f"{active_groups}/{hkv}"}
-            new = [
-                _run(
-                    "head_sparse",
-                    "torch_sdpa_gate",
-                    params,
-                    lambda q=q, k=k, v=v, hm=head_mask: head_sparse_decode_attention(
-                        q, k, v, hm, use_triton=False
-                    ),
-                    dev,
-                    args,
-                    fl,
-                )
-            ]
-            if not args.reference_only:
-                new.append(
-                    _run(
-                        "head_sparse",
-                        "triton",
-                        params,
-                        lambda q=q, k=k, v=v, hm=head_mask: head_sparse_decode_attention(
-                            q, k, v, hm, use_triton=True
-                        ),
-                        dev,
-                        args,
-                        fl,
-                    )
-                )
+            new = _torch_and_triton(
+                "head_sparse", "torch_sdpa_gate", params,
+                lambda tri, q=q, k=k, v=v, hm=head_mask: head_sparse_decode_attention(
+                    q, k, v, hm, use_triton=tri
+                ),
+                dev, args, fl,
+            )  # fmt: skip
             _emit(rows, new, "torch_sdpa_gate")
         del q, k, v
 
