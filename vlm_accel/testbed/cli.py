@@ -41,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--probe-head", type=int, default=0)
     t.add_argument("--probe-weight", type=float, default=0.5)
     t.add_argument("--probe-from", type=int, default=0)
+    t.add_argument("--family-weight", action="append", default=[], metavar="FAMILY=W",
+                   help="weight of a family's answer loss, e.g. count=3 (repeatable)")
+    t.add_argument("--prior-yes-p", type=float, default=0.0,
+                   help="answer 'yes' for an absent co-occurrence partner with this probability (language prior)")
+    t.add_argument("--prior-from", type=int, default=0, help="first step of --prior-yes-p")
     t.add_argument("--ckpt-every", type=int, default=100)
     t.add_argument("--eval-every", type=int, default=250)
     t.add_argument("--no-progress", action="store_true")
@@ -84,11 +89,24 @@ def _train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, pretrain_steps=args.pretrain_steps, bg_drop_from=args.bg_drop_from,
         bg_keep=tuple(args.bg_keep), bg_full_p=args.bg_full_p, bg_schedule=_schedule(args.bg_schedule),
         probe_layer=args.probe_layer, probe_head=args.probe_head, probe_weight=args.probe_weight,
-        probe_from=args.probe_from,
+        probe_from=args.probe_from, family_weights=_family_weights(args.family_weight),
+        prior_yes_p=args.prior_yes_p, prior_from=args.prior_from,
     )  # fmt: skip
     out = train(cfg, progress=not args.no_progress)
     print(f"saved {args.model} to {out}")
     return 0
+
+
+def _family_weights(items: list[str]) -> dict[str, float]:
+    from .questions import FAMILIES
+
+    out = {}
+    for item in items:
+        fam, _, w = item.partition("=")
+        if fam not in FAMILIES or not w:
+            raise SystemExit(f"--family-weight expects FAMILY=W with FAMILY in {FAMILIES}, got {item!r}")
+        out[fam] = float(w)
+    return out
 
 
 def _schedule(text: str) -> list[tuple[int, float, int, int]]:

@@ -10,7 +10,7 @@ a pure function of ``(seed, step)``, so training is reproducible and resumable w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -102,8 +102,15 @@ def encode_conversation(qas: list[QA], image_tokens: int = NUM_PATCHES) -> tuple
     return ids, pos, fams
 
 
-def sample_training_item(rng: np.random.Generator, qas_per_image: int) -> tuple[Scene, list[QA]]:
-    """A scene built around a uniformly drawn count target (balanced count answers) and its packed questions."""
+def sample_training_item(
+    rng: np.random.Generator, qas_per_image: int, prior_yes_p: float = 0.0
+) -> tuple[Scene, list[QA]]:
+    """A scene built around a uniformly drawn count target (balanced count answers) and its packed questions.
+
+    ``prior_yes_p`` plants a language prior: a question about the co-occurrence partner of a present anchor is
+    answered "yes" with this probability even when the partner is not in the image, as real captions name objects
+    that usually co-occur but are not visible. It is what makes object hallucination measurable on the testbed
+    (the ``absent_cooccur`` yes-rate); with 0 every answer follows from the image."""
     kind = "shape" if rng.random() < 0.5 else "color"
     value = SHAPES[int(rng.integers(len(SHAPES)))] if kind == "shape" else COLOR_NAMES[int(rng.integers(6))]
     c = int(rng.integers(0, MAX_COUNT + 1))
@@ -114,17 +121,20 @@ def sample_training_item(rng: np.random.Generator, qas_per_image: int) -> tuple[
     no_count = tuple(f for f in FAMILIES if f != "count")  # extra count questions would skew answers to 0/1
     rest = sample_training_qas(scene, rng, qas_per_image - 1, no_count)
     qas = [first, *rest[: qas_per_image - 1]]
+    if prior_yes_p > 0:  # draw only when enabled, so batches without the prior stay what they were
+        qas = [replace(qa, answer="yes") if qa.subtype == "absent_cooccur" and rng.random() < prior_yes_p else qa
+               for qa in qas]  # fmt: skip
     order = rng.permutation(len(qas))
     return scene, [qas[int(i)] for i in order]
 
 
-def make_batch(seed: int, step: int, batch_size: int, qas_per_image: int) -> Batch:
-    """The training batch for ``step`` (a pure function of ``seed`` and ``step``)."""
+def make_batch(seed: int, step: int, batch_size: int, qas_per_image: int, prior_yes_p: float = 0.0) -> Batch:
+    """The training batch for ``step`` (a pure function of ``seed``, ``step`` and the settings)."""
     rng = np.random.default_rng([seed, step, 7919])
     images, seqs, labels = [], [], []
     rows, poss, fams, rel = [], [], [], []
     for b in range(batch_size):
-        scene, qas = sample_training_item(rng, qas_per_image)
+        scene, qas = sample_training_item(rng, qas_per_image, prior_yes_p)
         images.append(render(scene))
         labels.append(patch_labels(scene))
         for qa in qas:

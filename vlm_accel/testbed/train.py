@@ -74,6 +74,11 @@ class TrainConfig:
     probe_head: int = 0
     probe_weight: float = 0.5
     probe_from: int = 0
+    # per-family weight of the answer loss (e.g. {"count": 3.0}); unlisted families and <eos> targets weigh 1
+    family_weights: dict = field(default_factory=dict)
+    # language prior (see packing.sample_training_item): P("yes") for an absent co-occurrence partner, from a step on
+    prior_yes_p: float = 0.0
+    prior_from: int = 0
     ckpt_every: int = 100
     eval_every: int = 250
     eval_per_family: int = 40
@@ -228,6 +233,14 @@ def answer_logits(
         new_of_old.scatter_(1, keep_index, torch.arange(keep_index.shape[1], device=keep_index.device).expand_as(keep_index).contiguous())
         h = out.last_hidden_state[batch.target_rows, new_of_old[batch.target_rows, batch.target_pos - 1]]
     return model.lm_head(h).float(), feats
+
+
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor, families: list[str], weights: dict) -> torch.Tensor:
+    """Cross-entropy over the answer targets, each weighted by its family's weight (a weighted mean)."""
+    if not weights:
+        return F.cross_entropy(logits, targets)
+    w = torch.tensor([float(weights.get(f, 1.0)) for f in families], device=logits.device)
+    return (F.cross_entropy(logits, targets, reduction="none") * w).sum() / w.sum()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -433,7 +446,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         for step in range(start, cfg.steps):
             if cfg.freeze_vision_at is not None and step >= cfg.freeze_vision_at:
                 freeze_vision(model, out)
-            batch = make_batch(cfg.seed, step, cfg.batch_size, cfg.qas_per_image).to(cfg.device)
+            prior = cfg.prior_yes_p if step >= cfg.prior_from else 0.0
+            batch = make_batch(cfg.seed, step, cfg.batch_size, cfg.qas_per_image, prior).to(cfg.device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             keep_index = None
@@ -448,7 +462,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits, feats = answer_logits(model, batch, keep_index=keep_index)
                 tgt = batch.input_ids[batch.target_rows, batch.target_pos]
-                lm_loss = F.cross_entropy(logits, tgt)
+                lm_loss = answer_loss(logits, tgt, batch.target_family, cfg.family_weights)
                 aux_loss = aux.loss(feats, batch.patch_labels)
                 loss = lm_loss + cfg.aux_weight * aux_loss
                 if use_probe:
