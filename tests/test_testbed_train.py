@@ -77,3 +77,69 @@ def test_training_is_resumable_bit_for_bit(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = json.loads((tmp_path / "resumed" / "train_log.json").read_text())
     assert log["config"]["prior_yes_p"] == 0.5 and log["log"][-1]["step"] == 3
+
+
+@pytest.mark.parametrize("subsampled", [False, True])
+def test_counting_probe_reads_the_heads_real_attention(subsampled):
+    """The probe's logits, softmaxed over its causal keys, are the model's own eager attention probabilities for
+    that head at each answer-predicting position (RoPE, GQA, padding and background subsampling included)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from vlm_accel.testbed.configs import make_config
+    from vlm_accel.testbed.train import CountingProbe, image_embeddings, subsample_background
+
+    torch.manual_seed(0)
+    config = make_config("testbed-s")
+    config.text_config._attn_implementation = "eager"
+    model = LlavaForConditionalGeneration(config).eval()
+    batch = make_batch(0, 5, 3, 3)
+    image_id = model.config.image_token_id
+    keep = subsample_background(batch, image_id, 5, 0) if subsampled else None
+    layer, head = 1, 2
+    probe = CountingProbe(model, layer, head)
+    with torch.no_grad():
+        feats = image_embeddings(model, batch.pixel_values)
+        emb = model.get_input_embeddings()(batch.input_ids)
+        emb = emb.masked_scatter((batch.input_ids == image_id).unsqueeze(-1), feats.to(emb.dtype))
+        mask, position_ids = batch.attention_mask, None
+        if keep is not None:
+            emb = torch.gather(emb, 1, keep.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))
+            mask = torch.gather(mask, 1, keep)
+            mask[:, 1:] = mask[:, 1:].masked_fill(keep[:, 1:] == keep[:, :-1], 0)
+            position_ids = keep
+        out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=position_ids,
+                                         output_attentions=True)  # fmt: skip
+        scores, patches, causal = probe._scores(batch, image_id, keep)
+    probe.remove()
+    if keep is None:
+        pos = batch.target_pos - 1
+    else:
+        new_of_old = torch.full_like(batch.input_ids, -1)
+        new_of_old.scatter_(1, keep, torch.arange(keep.shape[1]).expand_as(keep).contiguous())
+        pos = new_of_old[batch.target_rows, batch.target_pos - 1]
+    expected = out.attentions[layer][batch.target_rows, head, pos]  # (T, L)
+    got = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-4)
+    assert (patches >= 0).sum(-1).max() <= 256 and patches.shape == scores.shape
+
+
+def test_counting_probe_loss_is_cross_entropy_to_uniform_over_bos_and_counted_tokens(monkeypatch):
+    from vlm_accel.testbed.train import CountingProbe
+
+    batch = make_batch(0, 6, 2, 12)
+    n_targets, length = batch.target_pos.shape[0], batch.input_ids.shape[1]
+    patches = torch.full((n_targets, length), -1)
+    patches[:, 3 : 3 + 256] = torch.arange(256)
+    target = batch.target_patches.clone()
+    # logits 0 on <bos> and the counted tokens, -inf elsewhere: the head is exactly uniform over them
+    scores = torch.full((n_targets, length), -1e4)
+    scores[:, 0] = 0.0
+    scores[:, 3 : 3 + 256] = torch.where(target, 0.0, -1e4)
+    causal = torch.ones(n_targets, length, dtype=torch.bool)
+    probe = CountingProbe.__new__(CountingProbe)
+    monkeypatch.setattr(probe, "_scores", lambda *a: (scores, patches, causal), raising=False)
+    counts = torch.tensor([target[i].sum().item() for i, f in enumerate(batch.target_family) if f == "count"])
+    expected = torch.log(counts.float() + 1).mean()
+    torch.testing.assert_close(probe.loss(batch, 0, None), expected)
+    scores[:, 0] = 3.0  # all mass on <bos>: the loss grows for every question with a non-zero count
+    assert probe.loss(batch, 0, None) > expected + 0.1

@@ -41,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--probe-head", type=int, default=0)
     t.add_argument("--probe-weight", type=float, default=0.5)
     t.add_argument("--probe-from", type=int, default=0)
+    t.add_argument("--count-probe-layer", type=int, default=None,
+                   help="layer of the counting-supervised head (CountingProbe)")
+    t.add_argument("--count-probe-head", type=int, default=1)
+    t.add_argument("--count-probe-weight", type=float, default=0.5)
+    t.add_argument("--count-probe-from", type=int, default=0)
+    t.add_argument("--schedule-from", type=int, default=0,
+                   help="step the learning-rate warm-up + cosine starts from (a fine-tuning segment of a resumed run)")
     t.add_argument("--family-weight", action="append", default=[], metavar="FAMILY=W",
                    help="weight of a family's answer loss, e.g. count=3 (repeatable)")
     t.add_argument("--prior-yes-p", type=float, default=0.0,
@@ -90,7 +97,9 @@ def _train(args: argparse.Namespace) -> int:
         bg_keep=tuple(args.bg_keep), bg_full_p=args.bg_full_p, bg_schedule=_schedule(args.bg_schedule),
         probe_layer=args.probe_layer, probe_head=args.probe_head, probe_weight=args.probe_weight,
         probe_from=args.probe_from, family_weights=_family_weights(args.family_weight),
-        prior_yes_p=args.prior_yes_p, prior_from=args.prior_from,
+        prior_yes_p=args.prior_yes_p, prior_from=args.prior_from, count_probe_layer=args.count_probe_layer,
+        count_probe_head=args.count_probe_head, count_probe_weight=args.count_probe_weight,
+        count_probe_from=args.count_probe_from, schedule_from=args.schedule_from,
     )  # fmt: skip
     out = train(cfg, progress=not args.no_progress)
     print(f"saved {args.model} to {out}")

@@ -74,6 +74,14 @@ class TrainConfig:
     probe_head: int = 0
     probe_weight: float = 0.5
     probe_from: int = 0
+    # counting supervision (see CountingProbe): layer index (None = off), head, weight, first step
+    count_probe_layer: int | None = None
+    count_probe_head: int = 1
+    count_probe_weight: float = 0.5
+    count_probe_from: int = 0
+    # the step the learning-rate schedule (warm-up, then cosine to ``steps``) starts from: a fine-tuning segment of
+    # a resumed run gets its own warm-up and decay
+    schedule_from: int = 0
     # per-family weight of the answer loss (e.g. {"count": 3.0}); unlisted families and <eos> targets weigh 1
     family_weights: dict = field(default_factory=dict)
     # language prior (see packing.sample_training_item): P("yes") for an absent co-occurrence partner, from a step on
@@ -164,7 +172,9 @@ class RetrievalProbe:
     def remove(self) -> None:
         self.handle.remove()
 
-    def loss(self, batch: Batch, image_token_id: int, keep_index: torch.Tensor | None) -> torch.Tensor:
+    def _scores(self, batch: Batch, image_token_id: int, keep_index: torch.Tensor | None):
+        """The supervised head's attention logits from each target's predicting position (T, L'), and per key
+        the patch index it holds (T, L'; -1 for text and padding repeats) and its position in the run (L')."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         hs, (cos, sin) = self.captured
@@ -181,20 +191,33 @@ class RetrievalProbe:
         patch_of_pos = torch.full_like(ids, -1)
         is_img = ids == image_token_id
         patch_of_pos[is_img] = torch.arange(NUM_PATCHES, device=ids.device).repeat(bsz)
+        valid = batch.attention_mask.bool()
         if keep_index is None:
             new_of_old = torch.arange(length, device=ids.device).expand(bsz, -1)
         else:
             patch_of_pos = torch.gather(patch_of_pos, 1, keep_index)
+            valid = torch.gather(valid, 1, keep_index)
             dup = torch.zeros_like(keep_index, dtype=torch.bool)
             dup[:, 1:] = keep_index[:, 1:] == keep_index[:, :-1]
             patch_of_pos = patch_of_pos.masked_fill(dup, -1)
+            valid = valid & ~dup
             new_of_old = torch.full_like(ids, -1)
             new_of_old.scatter_(1, keep_index, torch.arange(length, device=ids.device).expand(bsz, -1).contiguous())
         rows, pos = batch.target_rows, new_of_old[batch.target_rows, batch.target_pos - 1]
         scores = torch.einsum("td,tld->tl", q[rows, pos], k[rows]) / math.sqrt(d)  # (T, L)
-        vis = patch_of_pos[rows] >= 0  # (T, L) visual tokens present in this row
+        causal = valid[rows] & (torch.arange(length, device=ids.device)[None, :] <= pos[:, None])
+        return scores, patch_of_pos[rows], causal
+
+    def _relevant(self, batch: Batch, patches: torch.Tensor) -> torch.Tensor:
+        vis = patches >= 0
         rel = torch.zeros_like(vis)
-        rel[vis] = batch.target_patches.gather(1, patch_of_pos[rows].clamp(min=0))[vis]
+        rel[vis] = batch.target_patches.gather(1, patches.clamp(min=0))[vis]
+        return rel
+
+    def loss(self, batch: Batch, image_token_id: int, keep_index: torch.Tensor | None) -> torch.Tensor:
+        scores, patches, _ = self._scores(batch, image_token_id, keep_index)
+        vis = patches >= 0  # (T, L) visual tokens present in this row
+        rel = self._relevant(batch, patches)
         use = rel.any(-1)
         if not use.any():
             return scores.sum() * 0
@@ -202,6 +225,25 @@ class RetrievalProbe:
         all_lse = torch.logsumexp(scores.masked_fill(~vis[use], -1e9), -1)
         rel_lse = torch.logsumexp(scores.masked_fill(~rel[use], -1e9), -1)
         return (all_lse - rel_lse).mean()
+
+
+class CountingProbe(RetrievalProbe):
+    """Training-only attention supervision for ``count`` answers: one head should spread its attention evenly over
+    the ``<bos>`` token and the n objects counted, and put none anywhere else. Its output is then (v_bos + n·v_obj)
+    / (n + 1), a value that encodes n — the attention-sink counting mechanism — instead of an average diluted by
+    however many background tokens the row holds. Loss = cross-entropy between that head's causal attention
+    (from the answer-predicting position) and the uniform distribution over ``<bos>`` ∪ the counted tokens."""
+
+    def loss(self, batch: Batch, image_token_id: int, keep_index: torch.Tensor | None) -> torch.Tensor:
+        scores, patches, causal = self._scores(batch, image_token_id, keep_index)
+        use = torch.tensor([f == "count" for f in batch.target_family], device=scores.device)
+        if not use.any():
+            return scores.sum() * 0
+        target = self._relevant(batch, patches)
+        target[:, 0] = True  # <bos> is the first position of every row (right padding) and is always kept
+        scores, target, causal = scores[use], target[use], causal[use]
+        logp = torch.log_softmax(scores.masked_fill(~causal, -1e9), -1)
+        return -(logp * target).sum(-1).div(target.sum(-1)).mean()
 
 
 def answer_logits(
@@ -244,9 +286,10 @@ def answer_loss(logits: torch.Tensor, targets: torch.Tensor, families: list[str]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
+    step, steps = step - cfg.schedule_from, cfg.steps - cfg.schedule_from
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    t = min(1.0, (step - cfg.warmup) / max(1, steps - cfg.warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -435,6 +478,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         log += pretrain_visual_tokens(model, aux, cfg)
     val_batch, val_fams = validation_batch(cfg.eval_per_family)
     probe = RetrievalProbe(model, cfg.probe_layer, cfg.probe_head) if cfg.probe_layer is not None else None
+    counting = None
+    if cfg.count_probe_layer is not None:
+        counting = CountingProbe(model, cfg.count_probe_layer, cfg.count_probe_head)
     model.train()
     dev_type = torch.device(cfg.device).type
     t0 = time.time()
@@ -468,8 +514,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 if use_probe:
                     probe_loss = probe.loss(batch, model.config.image_token_id, keep_index)
                     loss = loss + cfg.probe_weight * probe_loss
-            if probe is not None:
-                probe.captured = None
+                use_counting = counting is not None and step >= cfg.count_probe_from
+                if use_counting:
+                    count_loss = counting.loss(batch, model.config.image_token_id, keep_index)
+                    loss = loss + cfg.count_probe_weight * count_loss
+            for p in (probe, counting):
+                if p is not None:
+                    p.captured = None
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
@@ -480,11 +531,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             metrics = [("loss", lm_loss.item()), ("aux", aux_loss.item()), ("acc", ok[ans].mean().item())]
             if use_probe:
                 metrics.append(("probe", probe_loss.item()))
+            if use_counting:
+                metrics.append(("count_probe", count_loss.item()))
             for k, v in metrics:
                 ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
             info = f"loss {ema['loss']:.3f} aux {ema['aux']:.3f} acc {ema['acc']:.3f}"
             if "probe" in ema:
                 info += f" probe {ema['probe']:.3f}"
+            if "count_probe" in ema:
+                info += f" count-probe {ema['count_probe']:.3f}"
             entry = {"step": step + 1, "time": time.time() - t0, **{k: round(v, 4) for k, v in ema.items()}}
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 entry["val"] = validate(model, val_batch, val_fams, cfg)
@@ -496,8 +551,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             bar.update(task, advance=1, info=info)
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
                 save_checkpoint(out, model, aux, opt, step + 1, cfg, log)
-    if probe is not None:
-        probe.remove()
+    for p in (probe, counting):
+        if p is not None:
+            p.remove()
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     build_processor().save_pretrained(out)
