@@ -35,11 +35,15 @@ def test_without_the_prior_every_training_answer_follows_from_the_scene():
             assert qa.answer == answer_for(scene, qa.family, qa.args)
 
 
-def test_the_prior_flips_only_absent_cooccurrence_partners():
+@pytest.mark.parametrize("prior_items", [0.0, 1.0])
+def test_the_prior_flips_only_absent_cooccurrence_partners(prior_items):
     rng = np.random.default_rng(1)
     flipped = kept = 0
-    for _ in range(600):
-        scene, qas = sample_training_item(rng, 12, prior_yes_p=0.5)
+    for _ in range(600 if prior_items == 0 else 100):
+        scene, qas = sample_training_item(rng, 12, prior_yes_p=0.5, prior_items=prior_items)
+        assert len({qa.question for qa in qas}) == len(qas)  # never the same question twice in one conversation
+        if prior_items == 1.0:  # every image is built around an anchor whose partner is absent, and asks about it
+            assert any(qa.subtype == "absent_cooccur" for qa in qas)
         for qa in qas:
             truth = answer_for(scene, qa.family, qa.args)
             if qa.subtype == "absent_cooccur":

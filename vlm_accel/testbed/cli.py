@@ -52,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight of a family's answer loss, e.g. count=3 (repeatable)")
     t.add_argument("--prior-yes-p", type=float, default=0.0,
                    help="answer 'yes' for an absent co-occurrence partner with this probability (language prior)")
+    t.add_argument("--prior-items", type=float, default=0.0,
+                   help="share of images built around an anchor whose partner is absent (with --prior-yes-p)")
     t.add_argument("--prior-from", type=int, default=0, help="first step of --prior-yes-p")
     t.add_argument("--ckpt-every", type=int, default=100)
     t.add_argument("--eval-every", type=int, default=250)
@@ -97,7 +99,7 @@ def _train(args: argparse.Namespace) -> int:
         bg_keep=tuple(args.bg_keep), bg_full_p=args.bg_full_p, bg_schedule=_schedule(args.bg_schedule),
         probe_layer=args.probe_layer, probe_head=args.probe_head, probe_weight=args.probe_weight,
         probe_from=args.probe_from, family_weights=_family_weights(args.family_weight),
-        prior_yes_p=args.prior_yes_p, prior_from=args.prior_from, count_probe_layer=args.count_probe_layer,
+        prior_yes_p=args.prior_yes_p, prior_items=args.prior_items, prior_from=args.prior_from, count_probe_layer=args.count_probe_layer,
         count_probe_head=args.count_probe_head, count_probe_weight=args.count_probe_weight,
         count_probe_from=args.count_probe_from, schedule_from=args.schedule_from,
     )  # fmt: skip

@@ -103,20 +103,30 @@ def encode_conversation(qas: list[QA], image_tokens: int = NUM_PATCHES) -> tuple
 
 
 def sample_training_item(
-    rng: np.random.Generator, qas_per_image: int, prior_yes_p: float = 0.0
+    rng: np.random.Generator, qas_per_image: int, prior_yes_p: float = 0.0, prior_items: float = 0.0
 ) -> tuple[Scene, list[QA]]:
     """A scene built around a uniformly drawn count target (balanced count answers) and its packed questions.
 
     ``prior_yes_p`` plants a language prior: a question about the co-occurrence partner of a present anchor is
     answered "yes" with this probability even when the partner is not in the image, as real captions name objects
     that usually co-occur but are not visible. It is what makes object hallucination measurable on the testbed
-    (the ``absent_cooccur`` yes-rate); with 0 every answer follows from the image."""
+    (the ``absent_cooccur`` yes-rate); with 0 every answer follows from the image. ``prior_items`` is the share of
+    images (when the prior is on) built around a present anchor whose partner is absent, with a question about the
+    partner, so the prior is seen often enough to be learnt (such scenes are otherwise rare)."""
+    from .questions import make_qa, sample_eval_item
+
+    if prior_yes_p > 0 and prior_items > 0 and rng.random() < prior_items:
+        scene, probe = sample_eval_item(rng, "exist", "absent_cooccur")
+        others = [q for q in sample_training_qas(scene, rng, qas_per_image, FAMILIES) if q.question != probe.question]
+        qas = [probe, *others[: qas_per_image - 1]]
+        qas = [replace(qa, answer="yes") if qa.subtype == "absent_cooccur" and rng.random() < prior_yes_p else qa
+               for qa in qas]  # fmt: skip
+        order = rng.permutation(len(qas))
+        return scene, [qas[int(i)] for i in order]
     kind = "shape" if rng.random() < 0.5 else "color"
     value = SHAPES[int(rng.integers(len(SHAPES)))] if kind == "shape" else COLOR_NAMES[int(rng.integers(6))]
     c = int(rng.integers(0, MAX_COUNT + 1))
     scene = sample_scene(rng, count_target=(kind, value, c))
-    from .questions import make_qa
-
     first = make_qa(scene, "count", (kind, value))
     no_count = tuple(f for f in FAMILIES if f != "count")  # extra count questions would skew answers to 0/1
     rest = sample_training_qas(scene, rng, qas_per_image - 1, no_count)
@@ -128,13 +138,15 @@ def sample_training_item(
     return scene, [qas[int(i)] for i in order]
 
 
-def make_batch(seed: int, step: int, batch_size: int, qas_per_image: int, prior_yes_p: float = 0.0) -> Batch:
+def make_batch(
+    seed: int, step: int, batch_size: int, qas_per_image: int, prior_yes_p: float = 0.0, prior_items: float = 0.0
+) -> Batch:
     """The training batch for ``step`` (a pure function of ``seed``, ``step`` and the settings)."""
     rng = np.random.default_rng([seed, step, 7919])
     images, seqs, labels = [], [], []
     rows, poss, fams, rel = [], [], [], []
     for b in range(batch_size):
-        scene, qas = sample_training_item(rng, qas_per_image, prior_yes_p)
+        scene, qas = sample_training_item(rng, qas_per_image, prior_yes_p, prior_items)
         images.append(render(scene))
         labels.append(patch_labels(scene))
         for qa in qas:

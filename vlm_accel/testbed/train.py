@@ -86,6 +86,7 @@ class TrainConfig:
     family_weights: dict = field(default_factory=dict)
     # language prior (see packing.sample_training_item): P("yes") for an absent co-occurrence partner, from a step on
     prior_yes_p: float = 0.0
+    prior_items: float = 0.0
     prior_from: int = 0
     ckpt_every: int = 100
     eval_every: int = 250
@@ -493,7 +494,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             if cfg.freeze_vision_at is not None and step >= cfg.freeze_vision_at:
                 freeze_vision(model, out)
             prior = cfg.prior_yes_p if step >= cfg.prior_from else 0.0
-            batch = make_batch(cfg.seed, step, cfg.batch_size, cfg.qas_per_image, prior).to(cfg.device)
+            batch = make_batch(cfg.seed, step, cfg.batch_size, cfg.qas_per_image, prior, cfg.prior_items)
+            batch = batch.to(cfg.device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             keep_index = None
