@@ -69,12 +69,15 @@ def test_answer_loss_weights_families():
 def test_training_is_resumable_bit_for_bit(tmp_path):
     def cfg(out: str, steps: int) -> TrainConfig:
         return TrainConfig(model="testbed-s", out=str(tmp_path / out), steps=steps, batch_size=2, qas_per_image=2,
-                           warmup=10, pretrain_steps=2, pretrain_pool=4, pretrain_batch=2, ckpt_every=1,
+                           warmup=2, pretrain_steps=2, pretrain_pool=4, pretrain_batch=2, ckpt_every=1,
                            eval_every=1000, eval_per_family=1, probe_layer=1, family_weights={"count": 2.0},
                            prior_yes_p=0.5, bg_drop_from=1, bg_keep=(0, 8), bg_full_p=0.5)  # fmt: skip
 
     train(cfg("straight", 3), progress=False)
-    train(cfg("resumed", 2), progress=False)
+    stopped = cfg("resumed", 3)
+    stopped.stop_at = 2
+    train(stopped, progress=False)  # stops after step 2 with the 3-step schedule
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 2
     train(cfg("resumed", 3), progress=False)  # picks up resumed/checkpoint at step 2
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))

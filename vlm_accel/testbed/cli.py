@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--count-probe-from", type=int, default=0)
     t.add_argument("--schedule-from", type=int, default=0,
                    help="step the learning-rate warm-up + cosine starts from (a fine-tuning segment of a resumed run)")
+    t.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step without changing the schedule (replays a segment of a run)")
     t.add_argument("--family-weight", action="append", default=[], metavar="FAMILY=W",
                    help="weight of a family's answer loss, e.g. count=3 (repeatable)")
     t.add_argument("--prior-yes-p", type=float, default=0.0,
@@ -101,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
         probe_from=args.probe_from, family_weights=_family_weights(args.family_weight),
         prior_yes_p=args.prior_yes_p, prior_items=args.prior_items, prior_from=args.prior_from, count_probe_layer=args.count_probe_layer,
         count_probe_head=args.count_probe_head, count_probe_weight=args.count_probe_weight,
-        count_probe_from=args.count_probe_from, schedule_from=args.schedule_from,
+        count_probe_from=args.count_probe_from, schedule_from=args.schedule_from, stop_at=args.stop_at,
     )  # fmt: skip
     out = train(cfg, progress=not args.no_progress)
     print(f"saved {args.model} to {out}")

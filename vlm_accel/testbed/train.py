@@ -82,6 +82,8 @@ class TrainConfig:
     # the step the learning-rate schedule (warm-up, then cosine to ``steps``) starts from: a fine-tuning segment of
     # a resumed run gets its own warm-up and decay
     schedule_from: int = 0
+    # stop (checkpoint and save) after this step without changing the schedule: replays a segment of a run
+    stop_at: int | None = None
     # per-family weight of the answer loss (e.g. {"count": 3.0}); unlisted families and <eos> targets weigh 1
     family_weights: dict = field(default_factory=dict)
     # language prior (see packing.sample_training_item): P("yes") for an absent co-occurrence partner, from a step on
@@ -551,8 +553,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             if (step + 1) % 25 == 0 or "val" in entry:
                 log.append(entry)
             bar.update(task, advance=1, info=info)
-            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            stop = cfg.stop_at is not None and step + 1 >= cfg.stop_at
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop:
                 save_checkpoint(out, model, aux, opt, step + 1, cfg, log)
+            if stop:
+                break
     for p in (probe, counting):
         if p is not None:
             p.remove()
