@@ -150,3 +150,37 @@ def test_counting_probe_loss_is_cross_entropy_to_uniform_over_bos_and_counted_to
     torch.testing.assert_close(probe.loss(batch, 0, None), expected)
     scores[:, 0] = 3.0  # all mass on <bos>: the loss grows for every question with a non-zero count
     assert probe.loss(batch, 0, None) > expected + 0.1
+
+
+def test_background_subsampling_equals_masking_the_dropped_tokens():
+    """Training on a shortened sequence (text + objects + some background, original position ids) gives the same
+    answer logits as the full sequence with the dropped tokens hidden by the attention mask."""
+    from transformers import LlavaForConditionalGeneration
+
+    from vlm_accel.testbed.configs import make_config
+    from vlm_accel.testbed.train import answer_logits, image_embeddings, subsample_background
+
+    torch.manual_seed(0)
+    config = make_config("testbed-s")
+    config.text_config._attn_implementation = "eager"
+    model = LlavaForConditionalGeneration(config).eval()
+    batch = make_batch(0, 9, 3, 3)
+    image_id = model.config.image_token_id
+    keep = subsample_background(batch, image_id, 7, 0)
+    with torch.no_grad():
+        short, _ = answer_logits(model, batch, keep_index=keep)
+        emb = model.get_input_embeddings()(batch.input_ids)
+        feats = image_embeddings(model, batch.pixel_values)
+        emb = emb.masked_scatter((batch.input_ids == image_id).unsqueeze(-1), feats.to(emb.dtype))
+        bsz, length = batch.input_ids.shape
+        kept = torch.zeros(bsz, length, dtype=torch.bool)
+        kept.scatter_(1, keep, True)
+        kept &= batch.attention_mask.bool()
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = causal[None] & kept[:, None, :]
+        allowed |= torch.eye(length, dtype=torch.bool)[None]  # dropped rows attend to themselves (never read)
+        mask = torch.zeros(bsz, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        out = model.model.language_model(inputs_embeds=emb, attention_mask=mask)
+        full = model.lm_head(out.last_hidden_state[batch.target_rows, batch.target_pos - 1])
+    torch.testing.assert_close(short, full.float(), atol=1e-5, rtol=1e-5)
+    assert keep.shape[1] < length  # the shortened run really is shorter
