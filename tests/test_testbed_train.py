@@ -86,28 +86,41 @@ def test_training_is_resumable_bit_for_bit(tmp_path):
     assert log["config"]["prior_yes_p"] == 0.5 and log["log"][-1]["step"] == 3
 
 
-@pytest.mark.parametrize("subsampled", [False, True])
-def test_counting_probe_reads_the_heads_real_attention(subsampled):
-    """The probe's logits, softmaxed over its causal keys, are the model's own eager attention probabilities for
-    that head at each answer-predicting position (RoPE, GQA, padding and background subsampling included)."""
+def _random_eager_testbed_s():
+    """testbed-s with random weights and eager attention (its attention probabilities can be returned)."""
     from transformers import LlavaForConditionalGeneration
 
     from vlm_accel.testbed.configs import make_config
-    from vlm_accel.testbed.train import CountingProbe, image_embeddings, subsample_background
 
     torch.manual_seed(0)
     config = make_config("testbed-s")
     config.text_config._attn_implementation = "eager"
-    model = LlavaForConditionalGeneration(config).eval()
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def _input_embeddings(model, batch) -> torch.Tensor:
+    """Text embeddings with the projected visual tokens scattered in, as the model's own forward builds them."""
+    from vlm_accel.testbed.train import image_embeddings
+
+    emb = model.get_input_embeddings()(batch.input_ids)
+    feats = image_embeddings(model, batch.pixel_values)
+    return emb.masked_scatter((batch.input_ids == model.config.image_token_id).unsqueeze(-1), feats.to(emb.dtype))
+
+
+@pytest.mark.parametrize("subsampled", [False, True])
+def test_counting_probe_reads_the_heads_real_attention(subsampled):
+    """The probe's logits, softmaxed over its causal keys, are the model's own eager attention probabilities for
+    that head at each answer-predicting position (RoPE, GQA, padding and background subsampling included)."""
+    from vlm_accel.testbed.train import CountingProbe, subsample_background
+
+    model = _random_eager_testbed_s()
     batch = make_batch(0, 5, 3, 3)
     image_id = model.config.image_token_id
     keep = subsample_background(batch, image_id, 5, 0) if subsampled else None
     layer, head = 1, 2
     probe = CountingProbe(model, layer, head)
     with torch.no_grad():
-        feats = image_embeddings(model, batch.pixel_values)
-        emb = model.get_input_embeddings()(batch.input_ids)
-        emb = emb.masked_scatter((batch.input_ids == image_id).unsqueeze(-1), feats.to(emb.dtype))
+        emb = _input_embeddings(model, batch)
         mask, position_ids = batch.attention_mask, None
         if keep is not None:
             emb = torch.gather(emb, 1, keep.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))
@@ -155,23 +168,15 @@ def test_counting_probe_loss_is_cross_entropy_to_uniform_over_bos_and_counted_to
 def test_background_subsampling_equals_masking_the_dropped_tokens():
     """Training on a shortened sequence (text + objects + some background, original position ids) gives the same
     answer logits as the full sequence with the dropped tokens hidden by the attention mask."""
-    from transformers import LlavaForConditionalGeneration
+    from vlm_accel.testbed.train import answer_logits, subsample_background
 
-    from vlm_accel.testbed.configs import make_config
-    from vlm_accel.testbed.train import answer_logits, image_embeddings, subsample_background
-
-    torch.manual_seed(0)
-    config = make_config("testbed-s")
-    config.text_config._attn_implementation = "eager"
-    model = LlavaForConditionalGeneration(config).eval()
+    model = _random_eager_testbed_s()
     batch = make_batch(0, 9, 3, 3)
     image_id = model.config.image_token_id
     keep = subsample_background(batch, image_id, 7, 0)
     with torch.no_grad():
         short, _ = answer_logits(model, batch, keep_index=keep)
-        emb = model.get_input_embeddings()(batch.input_ids)
-        feats = image_embeddings(model, batch.pixel_values)
-        emb = emb.masked_scatter((batch.input_ids == image_id).unsqueeze(-1), feats.to(emb.dtype))
+        emb = _input_embeddings(model, batch)
         bsz, length = batch.input_ids.shape
         kept = torch.zeros(bsz, length, dtype=torch.bool)
         kept.scatter_(1, keep, True)
