@@ -119,18 +119,15 @@ def sample_training_item(
         scene, probe = sample_eval_item(rng, "exist", "absent_cooccur")
         others = [q for q in sample_training_qas(scene, rng, qas_per_image, FAMILIES) if q.question != probe.question]
         qas = [probe, *others[: qas_per_image - 1]]
-        qas = [replace(qa, answer="yes") if qa.subtype == "absent_cooccur" and rng.random() < prior_yes_p else qa
-               for qa in qas]  # fmt: skip
-        order = rng.permutation(len(qas))
-        return scene, [qas[int(i)] for i in order]
-    kind = "shape" if rng.random() < 0.5 else "color"
-    value = SHAPES[int(rng.integers(len(SHAPES)))] if kind == "shape" else COLOR_NAMES[int(rng.integers(6))]
-    c = int(rng.integers(0, MAX_COUNT + 1))
-    scene = sample_scene(rng, count_target=(kind, value, c))
-    first = make_qa(scene, "count", (kind, value))
-    no_count = tuple(f for f in FAMILIES if f != "count")  # extra count questions would skew answers to 0/1
-    rest = sample_training_qas(scene, rng, qas_per_image - 1, no_count)
-    qas = [first, *rest[: qas_per_image - 1]]
+    else:
+        kind = "shape" if rng.random() < 0.5 else "color"
+        value = SHAPES[int(rng.integers(len(SHAPES)))] if kind == "shape" else COLOR_NAMES[int(rng.integers(6))]
+        c = int(rng.integers(0, MAX_COUNT + 1))
+        scene = sample_scene(rng, count_target=(kind, value, c))
+        first = make_qa(scene, "count", (kind, value))
+        no_count = tuple(f for f in FAMILIES if f != "count")  # extra count questions would skew answers to 0/1
+        rest = sample_training_qas(scene, rng, qas_per_image - 1, no_count)
+        qas = [first, *rest[: qas_per_image - 1]]
     if prior_yes_p > 0:  # draw only when enabled, so batches without the prior stay what they were
         qas = [replace(qa, answer="yes") if qa.subtype == "absent_cooccur" and rng.random() < prior_yes_p else qa
                for qa in qas]  # fmt: skip
