@@ -35,6 +35,31 @@ def test_same_seed_same_data_different_seed_differs(ds):
     assert make_dataset(5, seed=11, split="validation")["spec"] != ds.select(range(5))["spec"]
 
 
+_QUESTIONS_AND_BATCH = """
+import hashlib
+from vlm_accel.testbed import make_dataset
+from vlm_accel.testbed.packing import make_batch
+ds = make_dataset(120, seed=11, families=["exist"])
+batch = make_batch(0, 3, 8, 12, 0.45, 0.5)
+print(hashlib.md5(("|".join(ds["question"])).encode() + batch.input_ids.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_data_is_the_same_in_every_process():
+    """Questions and training batches must not depend on the per-process string hash seed (iterating a set of
+    object types once made the random absent type of an exist question differ between processes)."""
+    import os
+    import subprocess
+    import sys
+
+    digests = {
+        subprocess.run([sys.executable, "-c", _QUESTIONS_AND_BATCH], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                       capture_output=True, text=True, check=True).stdout.strip()
+        for seed in (1, 2)
+    }  # fmt: skip
+    assert len(digests) == 1, digests
+
+
 def test_columns_families_and_exist_subtypes(ds):
     assert {"image", "question", "answer", "family", "subtype", "spec", "object_patches"} <= set(ds.column_names)
     counts = collections.Counter(ds["family"])

@@ -129,7 +129,7 @@ def candidate_questions(scene: Scene, rng: np.random.Generator, family: str, har
         if rng.random() < 0.5:
             o = _pick(rng, scene.objects)
             return make_qa(scene, "exist", (o.color, o.shape), "present")
-        absent = [t for t in FREE_TYPES + tuple(PAIR_TYPES) if t not in types_present]
+        absent = [t for t in FREE_TYPES + PAIR_TYPES if t not in types_present]
         if rng.random() < hard_negative_p:
             hard = [t for t in absent if any(t[0] == p[0] or t[1] == p[1] for p in types_present)]
             if hard:
@@ -170,7 +170,7 @@ def sample_eval_item(rng: np.random.Generator, family: str, subtype: str | None 
             return scene, make_qa(scene, "exist", (o.color, o.shape), "present")
         if subtype == "absent":
             partners = set(present_partners(scene))
-            absent = [t for t in FREE_TYPES + tuple(PAIR_TYPES) if t not in types_present and t not in partners]
+            absent = [t for t in FREE_TYPES + PAIR_TYPES if t not in types_present and t not in partners]
             return scene, make_qa(scene, "exist", _pick(rng, absent), "absent")
         raise ValueError(f"unknown exist subtype {subtype!r}; expected one of {EXIST_SUBTYPES}")
     for _ in range(1000):

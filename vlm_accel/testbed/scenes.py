@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 IMAGE_SIZE = 256
 PATCH_SIZE = 16
@@ -57,7 +57,9 @@ ANCHOR_P = 0.25
 PARTNER_P = 0.9
 
 ALL_TYPES: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOR_NAMES for s in SHAPES)
-PAIR_TYPES: frozenset[tuple[str, str]] = frozenset(t for pair in COOCCUR_PAIRS for t in pair)
+# a tuple, not a set: code that draws from it must see one order in every process (set order follows the
+# per-process string hash seed)
+PAIR_TYPES: tuple[tuple[str, str], ...] = tuple(t for pair in COOCCUR_PAIRS for t in pair)
 FREE_TYPES: tuple[tuple[str, str], ...] = tuple(t for t in ALL_TYPES if t not in PAIR_TYPES)
 
 
