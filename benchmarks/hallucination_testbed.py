@@ -1,16 +1,16 @@
 """Object hallucination on the testbed: PAI, GIFT and PAINT at several settings against the unpatched model.
 
-The shipped ``testbed-l`` was trained with a planted language prior (``--prior-yes-p``: a question about the
-co-occurrence partner of a present anchor was answered "yes" 40 % of the time although the partner was not drawn),
-so it answers "yes" to some absent partners, the POPE-adversarial failure. For every setting this measures, on
-fresh questions (seed 20261124):
-
-PAINT runs with ``summary_layer=0``: the testbed's vision tower has a single layer, so there is no penultimate one.
+The shipped ``testbed-l`` was trained with a planted co-occurrence prior (``--prior-yes-p 0.45 --prior-items 0.5``:
+a question about the partner of a present anchor was answered "yes" 45 % of the time although the partner was not
+drawn), so it answers "yes" to some absent partners, the POPE-adversarial failure. For every setting this
+measures, on fresh questions (seed 20261124):
 
 * ``exist`` (POPE-style, 1/4 absent co-occurring partners): accuracy, F1, and the yes-rate on present objects,
   on random absent objects and on absent co-occurring partners (the hallucination rate);
 * mean accuracy on the other four families (what the reweighting costs elsewhere);
 * time per decode step relative to unpatched, measured interleaved in this run (CPU ratios only).
+
+PAINT runs with ``summary_layer=0``: the testbed's vision tower has a single layer, so there is no penultimate one.
 
 Run: ``python benchmarks/hallucination_testbed.py [--n-exist 400] [--n-other 200] [--threads 1]``.
 """
