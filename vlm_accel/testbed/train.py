@@ -145,6 +145,20 @@ def subsample_background(batch: Batch, image_token_id: int, n_bg: int, seed: int
     return torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in rows]).to(batch.input_ids.device)
 
 
+def padding_repeats(keep_index: torch.Tensor) -> torch.Tensor:
+    """Bool (B, L'): the slots of a shortened run that repeat the previous kept position (row padding, masked)."""
+    dup = torch.zeros_like(keep_index, dtype=torch.bool)
+    dup[:, 1:] = keep_index[:, 1:] == keep_index[:, :-1]
+    return dup
+
+
+def shortened_positions(input_ids: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
+    """(B, L): where each original position sits in the shortened run (-1 if it was dropped)."""
+    new_of_old = torch.full_like(input_ids, -1)
+    slots = torch.arange(keep_index.shape[1], device=keep_index.device).expand_as(keep_index).contiguous()
+    return new_of_old.scatter_(1, keep_index, slots)
+
+
 def background_plan(cfg: TrainConfig, step: int) -> tuple[float, int, int] | None:
     """(probability of a full-sequence step, min, max background tokens kept) at ``step``, or None (always full)."""
     plan = None
@@ -176,8 +190,8 @@ class RetrievalProbe:
         self.handle.remove()
 
     def _scores(self, batch: Batch, image_token_id: int, keep_index: torch.Tensor | None):
-        """The supervised head's attention logits from each target's predicting position (T, L'), and per key
-        the patch index it holds (T, L'; -1 for text and padding repeats) and its position in the run (L')."""
+        """The supervised head's attention logits from each target's predicting position (T, L'), the patch index
+        each key holds (T, L'; -1 for text and padding repeats) and which keys that position attends to (T, L')."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         hs, (cos, sin) = self.captured
@@ -198,14 +212,10 @@ class RetrievalProbe:
         if keep_index is None:
             new_of_old = torch.arange(length, device=ids.device).expand(bsz, -1)
         else:
-            patch_of_pos = torch.gather(patch_of_pos, 1, keep_index)
-            valid = torch.gather(valid, 1, keep_index)
-            dup = torch.zeros_like(keep_index, dtype=torch.bool)
-            dup[:, 1:] = keep_index[:, 1:] == keep_index[:, :-1]
-            patch_of_pos = patch_of_pos.masked_fill(dup, -1)
-            valid = valid & ~dup
-            new_of_old = torch.full_like(ids, -1)
-            new_of_old.scatter_(1, keep_index, torch.arange(length, device=ids.device).expand(bsz, -1).contiguous())
+            dup = padding_repeats(keep_index)
+            patch_of_pos = torch.gather(patch_of_pos, 1, keep_index).masked_fill(dup, -1)
+            valid = torch.gather(valid, 1, keep_index) & ~dup
+            new_of_old = shortened_positions(ids, keep_index)
         rows, pos = batch.target_rows, new_of_old[batch.target_rows, batch.target_pos - 1]
         scores = torch.einsum("td,tld->tl", q[rows, pos], k[rows]) / math.sqrt(d)  # (T, L)
         causal = valid[rows] & (torch.arange(length, device=ids.device)[None, :] <= pos[:, None])
@@ -270,12 +280,9 @@ def answer_logits(
     else:
         emb = torch.gather(emb, 1, keep_index.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))
         mask = torch.gather(batch.attention_mask, 1, keep_index)
-        dup = torch.zeros_like(mask, dtype=torch.bool)
-        dup[:, 1:] = keep_index[:, 1:] == keep_index[:, :-1]  # padding repeats
-        mask = mask.masked_fill(dup, 0)
+        mask = mask.masked_fill(padding_repeats(keep_index), 0)
         out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=keep_index)
-        new_of_old = torch.full_like(batch.input_ids, -1)
-        new_of_old.scatter_(1, keep_index, torch.arange(keep_index.shape[1], device=keep_index.device).expand_as(keep_index).contiguous())
+        new_of_old = shortened_positions(batch.input_ids, keep_index)
         h = out.last_hidden_state[batch.target_rows, new_of_old[batch.target_rows, batch.target_pos - 1]]
     return model.lm_head(h).float(), feats
 
