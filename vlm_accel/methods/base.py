@@ -9,7 +9,16 @@ layers, hooks, masks, positions, cache, batch and padding. Hooks:
 - :meth:`Method.row_edit` — edit the pre-softmax logits of some query rows at a layer (reweighting);
 - :meth:`Method.on_forward_start` — see the base model's inputs before the forward (e.g. run a guide model);
 - :meth:`Method.on_scores` — receive each score tap as it is computed (e.g. accumulate across layers / steps);
+- :meth:`Method.head_gates` — per token × head weights (or a boolean mask) on the per-head attention output
+  before ``o_proj`` (MoH), at prefill and decode, on every backend;
+- :meth:`Method.on_visual_features` — see and replace the visual features between the vision tower and the
+  language model (before or after the projector, ``visual_features_at``), with the pixel inputs and any tapped
+  vision-encoder layer inputs (``vision_tap_layers``) at hand (TTF, PAINT);
 - :meth:`Method.wrap_generate` — wrap ``model.generate`` (e.g. logits processors, early exit).
+
+State: per-call state lives with the generation (``state.generation_state(self)``) or, across calls on purpose,
+with a stream (``state.stream_state(self)`` inside ``patch.stream()``) — never on the method object. Composition is
+order-free: the runtime orders hooks by kind (``Method.kind_rank`` then name), not by the user's list.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ if TYPE_CHECKING:
     from vlm_accel.runtime.engine import ModelContext
     from vlm_accel.runtime.plan import KeepPlan
     from vlm_accel.runtime.state import ForwardState, ScoreTap
+    from vlm_accel.runtime.vision import VisualFeatures
 
 
 @dataclass
@@ -54,6 +64,38 @@ class RowEdit:
     rows: str | torch.Tensor = "last"
 
 
+@dataclass
+class GateContext:
+    """What :meth:`Method.head_gates` may read at one attention layer.
+
+    ``hidden``: the attention module's input ``[B, q, d]`` (after the layer's input norm: the token representation
+    a router reads); ``query``: post-RoPE queries ``[B, Hq, q, D]`` (RoPE is a rotation per pair of channels, so
+    per-head norms equal the pre-RoPE ones up to rounding); ``num_kv_heads``; ``is_decode``: one new token per row on a
+    cache.
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    query: torch.Tensor
+    num_kv_heads: int
+    is_decode: bool
+
+
+@dataclass
+class HeadGates:
+    """Weights ``[B, q, Hq]`` (float, or bool for a hard mask) multiplying each head's attention output before
+    ``o_proj``. ``sparse_decode``: at a decode step with a bool mask, let the runtime route to the head-sparse op
+    (:func:`vlm_accel.kernels.head_sparse_decode_attention`) so that KV groups with no active head are not read —
+    the same numbers as gating the dense output."""
+
+    weights: torch.Tensor
+    sparse_decode: bool = False
+
+
+#: Composition order of hook kinds (lower runs first in every hook loop).
+KIND_SELECTION, KIND_GATES, KIND_REWEIGHT, KIND_OTHER = 0, 1, 2, 3
+
+
 class Method:
     """Base class of every method. Subclasses set ``config_cls`` and implement the hooks they need."""
 
@@ -63,6 +105,14 @@ class Method:
     changes_length: ClassVar[bool] = False
     #: True when kept slots carry merged (e.g. averaged) hidden states rather than a plain subset of tokens.
     merges_tokens: ClassVar[bool] = False
+    #: Where composition puts this method's hooks (``KIND_*``); ties break by method name, so the result never
+    #: depends on the order of the user's list.
+    kind_rank: ClassVar[int] = KIND_OTHER
+    #: ``generate`` wrappers nest by this rank: the highest is outermost and sees the caller's arguments untouched
+    #: (SGL's guide runs there, before any wrapper adds logits processors for the large model).
+    generate_rank: ClassVar[int] = 0
+    #: ``"pre_projector"`` / ``"post_projector"``: where :meth:`on_visual_features` sees the visual features.
+    visual_features_at: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):
@@ -111,8 +161,23 @@ class Method:
     def on_forward_start(self, state: ForwardState, inputs: dict[str, Any]) -> None:
         """Called once per base-model forward, after the visual layout is known, with the base model's kwargs."""
 
+    def on_forward_end(self, state: ForwardState) -> None:
+        """Called once per base-model forward, after the language model ran (e.g. to account what it saved)."""
+
     def on_scores(self, layer: int, tap: ScoreTap, state: ForwardState) -> None:
         """Called right after a requested score tap is computed (it is also kept in ``state.taps``)."""
+
+    def head_gates(self, layer: int, ctx: GateContext, state: ForwardState) -> HeadGates | None:
+        """Per-head output gates at ``layer`` for the current tokens (None: all heads, unchanged)."""
+        return None
+
+    def vision_tap_layers(self) -> tuple[int, ...]:
+        """Vision-encoder layers whose *inputs* the runtime should capture into ``state.vision_taps``."""
+        return ()
+
+    def on_visual_features(self, features: VisualFeatures, state: ForwardState) -> torch.Tensor | None:
+        """See the visual features at ``visual_features_at``; return replacement features (same shape) or None."""
+        return None
 
     def wrap_generate(self, generate: Callable[..., Any]) -> Callable[..., Any]:
         """Return a replacement for ``model.generate`` (the default keeps it)."""

@@ -1,8 +1,15 @@
 """Per-call and per-generation state of the runtime.
 
-``ForwardState`` lives for one forward of the base VLM model. ``PlanRecord`` is attached to the KV cache object
-so that decode steps (and any later call that continues the same cache) see which tokens each layer kept; it lives
-exactly as long as the generation (hf_internals §3.3).
+Three lifetimes, never mixed (docs/architecture.md, "State"):
+
+- ``ForwardState`` lives for one forward of the base VLM model.
+- ``PlanRecord`` is attached to the KV cache object at prefill, so decode steps (and any later call that continues
+  the same cache) see which tokens each layer kept and the per-generation state of every method
+  (:meth:`ForwardState.generation_state`); it lives exactly as long as the generation (hf_internals §3.3). Two
+  generations interleaved on one patched model (PAI's image-free guidance runs one inside another) each carry their
+  own record, so neither disturbs the other. A forward without a cache keeps that state for its own duration only.
+- ``StreamState`` lives across ``generate()`` calls on purpose, only inside ``patch.stream()`` (frame streams:
+  TTF); ``patch.reset()`` empties it. Outside a stream a method gets no cross-call state at all.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ class PlanRecord:
     prefix_len: int
     window_len: int
     visual: torch.Tensor  # bool [B, W]
+    method_state: dict[Any, dict[str, Any]] = field(default_factory=dict)
 
     def stage_for_layer(self, layer: int) -> Stage | None:
         current = None
@@ -74,6 +82,25 @@ class ScoreTap:
         return out[:, :window_len]
 
 
+class StreamState:
+    """Per-method state carried across ``generate()`` calls of one stream (``Patch.stream()``).
+
+    Methods keep whatever they need under their own key (e.g. TTF: the previous frame's pixels and tokens, per batch
+    row); ``reset()`` starts a new episode. ``calls`` counts the base-model prefills seen in this stream.
+    """
+
+    def __init__(self) -> None:
+        self.method_state: dict[Any, dict[str, Any]] = {}
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.method_state.clear()
+        self.calls = 0
+
+    def for_method(self, method: object) -> dict[str, Any]:
+        return self.method_state.setdefault(method, {})
+
+
 @dataclass
 class ForwardState:
     """Everything the hooks share during one forward of the base VLM model."""
@@ -91,6 +118,28 @@ class ForwardState:
     full_hidden: torch.Tensor | None = None
     layer_input: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    pixel_inputs: dict[str, Any] = field(default_factory=dict)
+    vision_taps: dict[int, torch.Tensor] = field(default_factory=dict)
+    stream: StreamState | None = None
+    _generation: dict[Any, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.continuing is not None:
+            self._generation = self.continuing.method_state
+
+    def generation_state(self, method: object) -> dict[str, Any]:
+        """``method``'s state for the current generation: created at prefill, seen again by every decode step on
+        the same cache, gone with the cache. Never on the method object (a second generation running in between
+        has its own)."""
+        return self._generation.setdefault(method, {})
+
+    def stream_state(self, method: object) -> dict[str, Any] | None:
+        """``method``'s state across calls of the open stream, or None outside ``patch.stream()``."""
+        return None if self.stream is None else self.stream.for_method(method)
+
+    def new_record(self) -> PlanRecord:
+        """The record a prefill leaves on its cache (the live ``stages`` list and generation state)."""
+        return PlanRecord(self.stages, self.prefix_len, self.window_len, self.layout.visual, self._generation)
 
     @property
     def is_prefill(self) -> bool:

@@ -1,0 +1,61 @@
+"""``generate()`` under a patch: refusals of the modes a length-changing patch cannot follow, and the fixed nesting
+of methods' ``generate`` wrappers.
+
+Wrappers nest by ``Method.generate_rank`` (then name), never by the user's list, so ``["sgl", "pai"]`` and
+``["pai", "sgl"]`` are the same patch: SGL (rank 10) is outermost and runs its guide on the caller's arguments
+before PAI's wrapper adds the image-free guidance processor for the large model.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from transformers import DynamicCache
+
+from vlm_accel.methods.base import Method
+
+UNSUPPORTED_CACHE_MODES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
+
+
+def nest_generate_wrappers(model: nn.Module, methods: list[Method]) -> Callable[..., Any]:
+    """``model``'s class ``generate`` wrapped by every method, innermost first (lowest ``generate_rank``)."""
+    generate = type(model).generate.__get__(model)
+    for method in sorted(methods, key=lambda m: (m.generate_rank, m.name)):
+        generate = method.wrap_generate(generate)
+    return generate
+
+
+def check_generate_mode(model: nn.Module, kwargs: dict[str, Any], changes_length: bool) -> None:
+    """Refuse, with one clear line, the generation modes whose cache bookkeeping cannot follow per-layer lengths."""
+    if not changes_length:
+        return
+    config = kwargs.get("generation_config") or model.generation_config
+    num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    if num_beams > 1:
+        raise ValueError(
+            "beam search (num_beams > 1) is not supported with token-pruning methods: beam reordering "
+            "does not follow per-layer kept tokens; use greedy or sampling"
+        )
+    cache_mode = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    if cache_mode in UNSUPPORTED_CACHE_MODES:
+        raise ValueError(
+            f"cache_implementation={cache_mode!r} is not supported with token-pruning methods "
+            "(layers hold different numbers of tokens); use the default dynamic cache"
+        )
+    if kwargs.get("assistant_model") or kwargs.get("prompt_lookup_num_tokens"):
+        raise ValueError("assisted / speculative decoding is not supported with token-pruning methods")
+    cache = kwargs.get("past_key_values")
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise ValueError(f"{type(cache).__name__} is not supported with token-pruning methods; pass a DynamicCache")
+
+
+def guarded_generate(model: nn.Module, generate: Callable[..., Any], changes_length: bool) -> Callable[..., Any]:
+    @functools.wraps(generate)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        check_generate_mode(model, kwargs, changes_length)
+        return generate(*args, **kwargs)
+
+    return guarded

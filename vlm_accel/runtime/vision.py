@@ -1,0 +1,149 @@
+"""The vision-side hook: methods see (and may replace) the visual features between the vision tower and the
+language model, with the call's pixel inputs and any tapped vision-encoder layer inputs at hand.
+
+Where: the family's projector module (LLaVA / NeXT / OneVision / InternVL ``multi_modal_projector``, Qwen2-VL /
+Qwen2.5-VL ``visual.merger``). ``"pre_projector"`` hooks its input (the tower's selected features — LLaVA-1.5:
+``[images, patches, d_vision]``; Qwen2-VL: ``[patches, d_vision]`` flat over images, before the 2×2 merge);
+``"post_projector"`` its output (the tokens that replace the placeholders). Both run inside the base model's forward,
+so the current :class:`~vlm_accel.runtime.state.ForwardState` is open. ``call_index`` counts projector calls in this
+forward (Qwen2-VL runs images, then videos).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from vlm_accel.runtime.engine import Runtime
+
+PIXEL_INPUT_NAMES = (
+    "pixel_values",
+    "pixel_values_videos",
+    "image_grid_thw",
+    "video_grid_thw",
+    "image_sizes",
+    "image_sizes_videos",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+)
+
+
+@dataclass
+class VisualFeatures:
+    """Visual features at one point of the vision path of one forward."""
+
+    features: torch.Tensor
+    where: str  # "pre_projector" | "post_projector"
+    call_index: int
+    pixel_inputs: dict[str, Any]
+    vision_taps: dict[int, torch.Tensor]
+
+
+def projector(model: nn.Module) -> nn.Module | None:
+    base = model.model
+    if hasattr(base, "multi_modal_projector"):
+        return base.multi_modal_projector
+    visual = getattr(base, "visual", None)
+    return getattr(visual, "merger", None)
+
+
+def vision_encoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    base = model.model
+    visual = getattr(base, "visual", None)
+    if visual is not None and hasattr(visual, "blocks"):
+        return visual.blocks
+    tower = getattr(base, "vision_tower", None)
+    tower = getattr(tower, "vision_model", tower)
+    encoder = getattr(tower, "encoder", None)
+    return getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
+
+
+class VisionHooks:
+    """Installs the projector and vision-layer hooks that the runtime's methods ask for."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def install(self) -> None:
+        methods = self.runtime.methods
+        model = self.runtime.model
+        wanted = {m.visual_features_at for m in methods} - {None}
+        bad = wanted - {"pre_projector", "post_projector"}
+        if bad:
+            raise ValueError(f"visual_features_at must be 'pre_projector' or 'post_projector', got {sorted(bad)}")
+        taps = sorted({i for m in methods for i in m.vision_tap_layers()})
+        if not wanted and not taps:
+            return
+        module = projector(model)
+        if wanted and module is None:
+            raise ValueError(f"{model.config.model_type}: no projector module found for the vision-side hook")
+        if "pre_projector" in wanted:
+            self.handles.append(module.register_forward_pre_hook(self._pre_projector, with_kwargs=True))
+        if "post_projector" in wanted:
+            self.handles.append(module.register_forward_hook(self._post_projector))
+        if taps:
+            layers = vision_encoder_layers(model)
+            if layers is None:
+                raise ValueError(f"{model.config.model_type}: no vision-encoder layers found to tap")
+            for index in taps:
+                if not -len(layers) <= index < len(layers):
+                    raise ValueError(f"vision layer {index} is out of range for this {len(layers)}-layer tower")
+                hook = functools.partial(self._tap, index)
+                self.handles.append(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    # ------------------------------------------------------------------------------------------------ hooks
+
+    def _tap(self, index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        state = self.runtime.state
+        if state is not None:
+            state.vision_taps[index] = args[0] if args else kwargs["hidden_states"]
+
+    def _run(self, features: torch.Tensor, where: str) -> torch.Tensor | None:
+        state = self.runtime.state
+        if state is None:
+            return None
+        key = ("vision_calls", where)
+        call_index = state.memo.get(key, 0)
+        state.memo[key] = call_index + 1
+        replaced = None
+        for method in self.runtime.methods:
+            if method.visual_features_at != where:
+                continue
+            view = VisualFeatures(features, where, call_index, state.pixel_inputs, state.vision_taps)
+            new = method.on_visual_features(view, state)
+            if new is not None:
+                if new.shape != features.shape:
+                    raise ValueError(
+                        f"{method.name}: on_visual_features returned {tuple(new.shape)} for features of shape "
+                        f"{tuple(features.shape)}"
+                    )
+                features = replaced = new
+        return replaced
+
+    def _pre_projector(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        with self.runtime.timed():
+            features = args[0] if args else next(iter(kwargs.values()))
+            new = self._run(features, "pre_projector")
+            if new is None:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            name = next(iter(kwargs))
+            return args, {**kwargs, name: new}
+
+    def _post_projector(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        with self.runtime.timed():
+            if not torch.is_tensor(output):  # e.g. a ModelOutput; methods see its first tensor
+                return None
+            return self._run(output, "post_projector")
