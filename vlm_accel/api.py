@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -12,6 +13,7 @@ from vlm_accel.methods.base import Method
 from vlm_accel.patches import adapter_for
 from vlm_accel.registry import get_method_class
 from vlm_accel.runtime.engine import Runtime
+from vlm_accel.runtime.state import StreamState
 from vlm_accel.runtime.stats import PatchStats
 
 PATCH_ATTRIBUTE = "_vlm_accel_patch"
@@ -46,6 +48,28 @@ class Patch:
 
     def reset_stats(self) -> None:
         self._runtime.stats = PatchStats()
+
+    @contextmanager
+    def stream(self) -> Iterator[StreamState]:
+        """Carry method state across ``generate()`` / forward calls, e.g. one frame per call of a robot episode
+        (TTF). Outside a stream every call stands alone. ``reset()`` starts a new episode inside it; a batch may
+        carry one stream per row (methods keep per-row state)."""
+        if not self.active:
+            raise RuntimeError("this patch was removed; a stream needs an active patch")
+        if self._runtime.stream is not None:
+            raise RuntimeError("a stream is already open on this patch; close it before opening another")
+        stream = StreamState()
+        self._runtime.stream = stream
+        try:
+            yield stream
+        finally:
+            self._runtime.stream = None
+
+    def reset(self) -> None:
+        """Start a new episode in the open stream (forget previous frames); an error outside ``stream()``."""
+        if self._runtime.stream is None:
+            raise RuntimeError("no stream is open: use `with patch.stream(): ...` to carry state across calls")
+        self._runtime.stream.reset()
 
     def remove(self) -> None:
         """Remove every hook and restore the original attention implementation (bitwise-identical outputs)."""
@@ -96,6 +120,22 @@ def _resolve_configs(method: MethodSpec | Sequence[MethodSpec], params: dict[str
     )
 
 
+def check_composition(methods: list[Method]) -> None:
+    """Refuse only compositions that are ill-defined, saying why. Selection methods compose as successive stages
+    (each acts on what the previous kept); reweighting and gates compose with anything."""
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a method can appear only once in a composition, got {names}")
+    selecting = [m for m in methods if m.changes_length]
+    merging = [m for m in selecting if m.merges_tokens]
+    if merging and len(selecting) > 1:
+        raise ValueError(
+            f"{merging[0].name} averages each image's full visual-token grid, so it cannot be composed with another "
+            f"token-selection method ({[m.name for m in selecting if m is not merging[0]]}): the other would leave "
+            "it a partial grid, or pool tokens it had already merged"
+        )
+
+
 def patch_model(model: nn.Module, method: MethodSpec | Sequence[MethodSpec], **params: Any) -> Patch:
     """Patch ``model`` in place with one method (a registered name or a config) or a list of methods.
 
@@ -111,10 +151,7 @@ def patch_model(model: nn.Module, method: MethodSpec | Sequence[MethodSpec], **p
         )
     configs = _resolve_configs(method, params)
     methods = [get_method_class(config.method_name)(config) for config in configs]
-    if sum(m.changes_length for m in methods) > 1:
-        raise ValueError(
-            f"at most one token-selection method can be composed, got {[m.name for m in methods if m.changes_length]}"
-        )
+    check_composition(methods)
     runtime = Runtime(model, adapter, methods)
     try:
         runtime.install()

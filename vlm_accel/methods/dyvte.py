@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from vlm_accel.config import MethodConfig, check_int, check_number
-from vlm_accel.methods.base import Method
+from vlm_accel.methods.base import KIND_SELECTION, Method
 from vlm_accel.methods.dyvte_routers import DyVTERouters, check_routers, router_features, text_span_mask
 from vlm_accel.runtime.plan import KeepPlan
 from vlm_accel.runtime.state import ForwardState
@@ -73,6 +73,7 @@ class DyVTE(Method):
 
     config_cls = DyVTEConfig
     changes_length = True
+    kind_rank = KIND_SELECTION
     config: DyVTEConfig
 
     def __init__(self, config: DyVTEConfig) -> None:

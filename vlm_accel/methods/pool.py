@@ -26,7 +26,7 @@ import torch
 
 from vlm_accel.config import MethodConfig, check_int
 from vlm_accel.errors import MethodNotApplicable
-from vlm_accel.methods.base import Method
+from vlm_accel.methods.base import KIND_SELECTION, Method
 from vlm_accel.methods.pruning import check_drop_layer
 from vlm_accel.runtime.plan import KeepPlan
 from vlm_accel.runtime.state import ForwardState
@@ -138,6 +138,7 @@ class Pool(Method):
 
     config_cls = PoolConfig
     changes_length = True
+    kind_rank = KIND_SELECTION
     #: kept slots carry group means, so equality with "the unpatched model with dropped tokens masked" does not hold
     merges_tokens = True
     #: the only model types whose visual layout pool understands (others raise MethodNotApplicable at bind)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_accel.config import MethodConfig, check_int, check_ratio
-from vlm_accel.methods.base import Method
+from vlm_accel.methods.base import KIND_SELECTION, Method
 from vlm_accel.runtime.plan import KeepPlan, keep_counts_from_ratio, top_visual_keep_mask
 from vlm_accel.runtime.state import ForwardState
 
@@ -54,6 +54,7 @@ class PruneAtLayer(Method):
     """Plumbing shared by single-stage visual-token pruning methods; subclasses implement :meth:`visual_scores`."""
 
     changes_length = True
+    kind_rank = KIND_SELECTION
     config: PruneAtLayerConfig
 
     @classmethod

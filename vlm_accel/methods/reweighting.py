@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_accel.config import MethodConfig, check_number
-from vlm_accel.methods.base import Method
+from vlm_accel.methods.base import KIND_REWEIGHT, Method
 
 
 def check_layer_fractions(name: str, value: object) -> tuple[float, float]:
@@ -47,6 +47,7 @@ class ReweightMethod(Method):
     """Binds a layer range; subclasses implement ``row_edit``."""
 
     config: ReweightConfig
+    kind_rank = KIND_REWEIGHT
 
     @classmethod
     def noop_config(cls) -> ReweightConfig:

@@ -36,7 +36,7 @@ from torch import nn
 
 from vlm_accel.config import MethodConfig, check_number, check_ratio
 from vlm_accel.errors import MethodNotApplicable
-from vlm_accel.methods.base import Method
+from vlm_accel.methods.base import KIND_SELECTION, Method
 from vlm_accel.methods.batch_rows import merge_sequences, merge_step_tensors, slice_rows
 from vlm_accel.methods.sgl_guide import GuideResult, consistency_score, eos_ids, run_guide
 from vlm_accel.runtime.plan import KeepPlan, keep_counts_from_ratio, top_visual_keep_mask
@@ -197,6 +197,8 @@ class SGL(Method):
 
     config_cls = SGLConfig
     changes_length = True
+    kind_rank = KIND_SELECTION
+    generate_rank = 10  # outermost: the guide runs on the caller's own arguments
     config: SGLConfig
 
     def __init__(self, config: SGLConfig) -> None:
