@@ -147,6 +147,24 @@ def test_routers_exit_per_row_and_each_row_gives_what_it_gives_alone(tmp_path):
                                        rtol=0, atol=ATOL)  # fmt: skip
 
 
+def test_batch_savings_count_only_what_the_padded_batch_skipped(tmp_path):
+    """A row that never exits keeps the batch at full width: the exited rows' visual slots are masked, not skipped,
+    so the batch saves nothing, although each exited row alone would (runtime issue, bug 4)."""
+    inputs = inputs_for()
+    path = tmp_path / "routers.safetensors"
+    designed_routers(model(), inputs, [0, 1, None], path)
+    with torch.no_grad(), patch_model(model(), DyVTEConfig(routers=str(path))) as patch:
+        model()(**inputs)
+        stats = patch.stats.methods["dyvte"]
+    assert stats["last_exit_layers"] == [0, 1, None]
+    assert stats["prefill_flops_saved"] == 0.0
+    assert stats["prefill_flops_saved_alone"] > 0.05
+    with torch.no_grad(), patch_model(model(), DyVTEConfig(exit_layer=1)) as patch:
+        model()(**inputs)
+        stats = patch.stats.methods["dyvte"]
+    assert 0 < stats["prefill_flops_saved"] <= stats["prefill_flops_saved_alone"]
+
+
 def test_router_files_are_checked_against_the_model(tmp_path):
     m = model()
     good = tmp_path / "good.safetensors"

@@ -80,13 +80,10 @@ class DyVTE(Method):
         super().__init__(config)
         self.routers: DyVTERouters | None = None
         self.metadata: dict[str, str] = {}
-        self._exited: torch.Tensor | None = None  # bool [B] for the current prefill
-        self._exit_layer: torch.Tensor | None = None  # long [B], -1 = no exit
+        # cumulative statistics (reporting only; per-prefill state lives in state.generation_state(self))
         self._totals = {"prefills": 0, "rows": 0, "exited_rows": 0, "visual_layers": 0.0, "flops": 0.0,
-                        "flops_full": 0.0}  # fmt: skip
+                        "flops_full": 0.0, "batch_flops": 0.0, "batch_flops_full": 0.0}  # fmt: skip
         self._last: list[int | None] = []
-        self._prefill: ForwardState | None = None  # the prefill whose exits are not yet accounted
-        self._span: torch.Tensor | None = None  # bool [B, W]: text after the image, excluding the last token
 
     @classmethod
     def example_config(cls) -> DyVTEConfig:
@@ -119,10 +116,15 @@ class DyVTE(Method):
     def on_forward_start(self, state: ForwardState, inputs: dict[str, Any]) -> None:
         if state.is_prefill:
             device = state.layout.visual.device
-            self._exited = torch.zeros(state.batch, dtype=torch.bool, device=device)
-            self._exit_layer = torch.full((state.batch,), -1, dtype=torch.long, device=device)
-            self._prefill = state if state.layout.any_visual else None
-            self._span = text_span_mask(state.layout.visual, ~state.layout.padding)
+            generation = state.generation_state(self)
+            generation["exited"] = torch.zeros(state.batch, dtype=torch.bool, device=device)  # bool [B]
+            generation["exit_layer"] = torch.full((state.batch,), -1, dtype=torch.long, device=device)
+            # bool [B, W]: text after the image, excluding the last token
+            generation["span"] = text_span_mask(state.layout.visual, ~state.layout.padding)
+
+    def on_forward_end(self, state: ForwardState) -> None:
+        if state.is_prefill and state.layout.any_visual:
+            self._account(state)
 
     def votes(self, layer: int, state: ForwardState) -> torch.Tensor:
         """Bool ``[B]``: rows whose router after layer ``layer`` votes exit (``logit[0] < logit[1]``; NaN features
@@ -131,7 +133,7 @@ class DyVTE(Method):
             return torch.full(
                 (state.batch,), layer == self.config.exit_layer, device=state.layout.visual.device
             )
-        span = self._span  # text is never dropped, so the span is fixed for the whole prefill
+        span = state.generation_state(self)["span"]  # text is never dropped: fixed for the whole prefill
         index = state.current_index
         if index is not None:  # the sequence is a kept subset: move the window mask to its slots
             span = span.gather(1, index.clamp(min=0)) & (index >= 0)
@@ -142,8 +144,10 @@ class DyVTE(Method):
         return torch.softmax(logits.float(), dim=-1)[:, 1] > self.config.exit_probability
 
     def select(self, layer: int, state: ForwardState) -> KeepPlan | None:
-        if not state.is_prefill or not state.layout.any_visual or self._exited is None:
+        generation = state.generation_state(self)
+        if not state.is_prefill or not state.layout.any_visual or "exited" not in generation:
             return None
+        exited, exit_layer = generation["exited"], generation["exit_layer"]
         after = layer - 1  # the router of layer l decides before layer l+1 runs
         if self.routers is not None and after >= self.routers.num_routers:
             return None
@@ -151,16 +155,21 @@ class DyVTE(Method):
             return None
         visual = state.layout.visual
         has_visual = visual.any(dim=1)
-        new = self.votes(after, state) & ~self._exited & has_visual
+        new = self.votes(after, state) & ~exited & has_visual
         if not bool(new.any()):
             return None
-        self._exited |= new
-        self._exit_layer[new] = after
+        exited |= new
+        exit_layer[new] = after
         present = state.present_mask()
-        return KeepPlan.from_keep_mask(present & ~(visual & self._exited[:, None]))
+        return KeepPlan.from_keep_mask(present & ~(visual & exited[:, None]))
 
     def _account(self, state: ForwardState) -> None:
-        """Per-row exit layers and analytic prefill FLOPs (LM only, routers included) of the finished prefill."""
+        """Per-row exit layers and analytic prefill FLOPs (LM only, routers included) of the finished prefill.
+
+        Two savings are kept apart: what each row would save run alone (``prefill_flops_saved_alone``), and what
+        the padded batch really skipped (``prefill_flops_saved``): a layer processes the batch's widest row, so
+        until every row has exited, the exited rows' visual slots are masked, not skipped.
+        """
         from vlm_accel.eval.flops import TextGeometry, layer_flops
 
         geometry = TextGeometry.from_config(self.ctx.text_config)
@@ -170,8 +179,9 @@ class DyVTE(Method):
         router_cost = (
             0 if self.routers is None else 2 * (2 * geometry.hidden + 2) * self.routers.router_hidden
         )
+        exit_layers = state.generation_state(self)["exit_layer"]
         self._last = []
-        for row, exit_layer in enumerate(self._exit_layer.tolist()):
+        for row, exit_layer in enumerate(exit_layers.tolist()):
             n, v = int(lengths[row]), int(visual[row])
             seen = layers if exit_layer < 0 else exit_layer + 1  # layers that process the visual tokens
             full = sum(layer_flops(geometry, n) for _ in range(layers))
@@ -182,17 +192,21 @@ class DyVTE(Method):
             self._totals["flops_full"] += full
             self._totals["visual_layers"] += seen
             self._last.append(None if exit_layer < 0 else exit_layer)
+        # the batch as run: each layer's padded width (its stage's plan width) for every row
+        widths = [state.window_len] * layers
+        for stage in state.stages:
+            for index in range(stage.layer, layers):
+                widths[index] = int(stage.plan.index.shape[1])
+        self._totals["batch_flops"] += len(lengths) * sum(layer_flops(geometry, w) for w in widths)
+        self._totals["batch_flops_full"] += len(lengths) * layers * layer_flops(geometry, state.window_len)
         self._totals["prefills"] += 1
         self._totals["rows"] += len(lengths)
-        self._totals["exited_rows"] += int((self._exit_layer >= 0).sum())
+        self._totals["exited_rows"] += int((exit_layers >= 0).sum())
 
     def stats(self) -> dict[str, Any]:
-        # the runtime calls this after every base-model forward: a finished prefill is accounted here, once
-        if self._prefill is not None:
-            self._account(self._prefill)
-            self._prefill = None
         rows = self._totals["rows"]
         full = self._totals["flops_full"]
+        batch_full = self._totals["batch_flops_full"]
         return {
             "last_exit_layers": list(self._last),
             "rows": rows,
@@ -200,5 +214,6 @@ class DyVTE(Method):
             "mean_visual_layers": self._totals["visual_layers"] / rows
             if rows
             else float(self.ctx.num_layers),
-            "prefill_flops_saved": 1 - self._totals["flops"] / full if full else 0.0,
+            "prefill_flops_saved_alone": 1 - self._totals["flops"] / full if full else 0.0,
+            "prefill_flops_saved": 1 - self._totals["batch_flops"] / batch_full if batch_full else 0.0,
         }

@@ -31,6 +31,7 @@ from vlm_accel.config import check_int, check_number, check_ratio
 from vlm_accel.methods.base import RowEdit, ScoreRequest
 from vlm_accel.methods.reweighting import ReweightConfig, ReweightMethod, check_layer_fractions
 from vlm_accel.runtime.scores import RowContext
+from vlm_accel.runtime.sequence import relative_positions
 from vlm_accel.runtime.state import ForwardState, ScoreTap
 
 
@@ -101,8 +102,6 @@ class GIFT(ReweightMethod):
                 f"gift: the saliency layer ({self.saliency_index}) must come before the first enhancement layer "
                 f"({self.layers.start}) of this {ctx.num_layers}-layer model"
             )
-        self._log_multiplier: torch.Tensor | None = None  # [B, W] α·s over prompt positions
-        self._span: torch.Tensor | None = None  # [B, W] bool query span
 
     # ---- (a) saliency, at prefill ------------------------------------------------------------------------
 
@@ -121,10 +120,9 @@ class GIFT(ReweightMethod):
         ordered = torch.where(rows_with_previous, positions, span.shape[1]).sort(dim=1).values[:, :width]
         rows = torch.where(ordered < span.shape[1], ordered, ordered.new_full((), span.shape[1] - 1))
         state.extras["gift_rows"] = (rows, ordered < span.shape[1])
-        current = state.current_index
-        if current is not None:  # rows are indices into the current (possibly pruned) sequence
-            raise NotImplementedError("gift's saliency layer must come before any pruning layer")
-        return ScoreRequest(rows=rows, reduce="none")
+        # after a pruning stage the query rows are slots of the kept sequence (text rows are never dropped)
+        slots = relative_positions(rows, state.current_index, state.window_len)
+        return ScoreRequest(rows=slots, reduce="none")
 
     def on_scores(self, layer: int, tap: ScoreTap, state: ForwardState) -> None:
         rows, valid = state.extras["gift_rows"]
@@ -133,28 +131,27 @@ class GIFT(ReweightMethod):
         visual = state.visual_key_mask(layer, probs.shape[-1])
         delta = (probs[:, :, 1:] - probs[:, :, :-1]).clamp(min=0)  # row m vs row m-1
         in_span = span.gather(1, rows[:, 1:]) & valid[:, 1:] & (rows[:, 1:] - rows[:, :-1] == 1)
+        in_span &= state.present_mask().gather(1, rows[:, :-1])  # the row before must still be in the sequence
         delta = delta * in_span[:, None, :, None] * visual[:, None, None, :]
-        log_multiplier = torch.zeros(span.shape, dtype=torch.float32, device=span.device)
-        for b in range(probs.shape[0]):
-            rows_b = int(in_span[b].sum())
-            s = saliency(delta[b], visual[b], rows_b, self.config.head_fraction, self.config.clip_sigma)
-            cols = s[state.prefix_len : state.prefix_len + span.shape[1]]
-            log_multiplier[b] = self.config.alpha * cols
-        self._log_multiplier = log_multiplier
-        self._span = span
+        per_column = torch.stack([
+            saliency(delta[b], visual[b], int(in_span[b].sum()), self.config.head_fraction, self.config.clip_sigma)
+            for b in range(probs.shape[0])
+        ])  # fmt: skip
+        # key columns → prompt positions (following any kept set), as score taps do
+        window = ScoreTap(per_column, tap.rows, tap.window_index).window_scores(state.prefix_len, span.shape[1])
+        generation = state.generation_state(self)
+        generation["log_multiplier"] = self.config.alpha * window.float()
+        generation["span"] = span
 
     # ---- (b) enhancement, every forward's last row -------------------------------------------------------
 
     def row_edit(self, layer: int, state: ForwardState) -> RowEdit | None:
         if not self.active(layer):
             return None
-        if state.is_prefill and "gift_reset" not in state.extras:
-            state.extras["gift_reset"] = True
-            if "gift_rows" not in state.extras:  # no saliency this prefill (text only, no question span)
-                self._log_multiplier = self._span = None
-        if self._log_multiplier is None:
+        generation = state.generation_state(self)  # empty when this generation's prefill had no saliency
+        if "log_multiplier" not in generation:
             return None
-        log_m, span, fraction = self._log_multiplier, self._span, self.config.head_fraction
+        log_m, span, fraction = generation["log_multiplier"], generation["span"], self.config.head_fraction
 
         def edit(logits: torch.Tensor, ctx: RowContext) -> torch.Tensor:
             n = logits.shape[-1]

@@ -23,7 +23,6 @@ visual tokens (LLaVA-1.5: ``vision_feature_select_strategy="default"``, one imag
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -123,30 +122,23 @@ class PAINT(ReweightMethod):
                 raise MethodNotApplicable(
                     f"paint: {name}={index} is out of range for this {len(encoder_layers)}-layer vision tower"
                 )
-        self._pending: dict[int, list[torch.Tensor]] = {}
-        self._categories: torch.Tensor | None = None
-        self._handles = []
-        for name in ("local_layer", "summary_layer"):
-            layer = encoder_layers[getattr(self.config, name)]
-            hook = functools.partial(self._capture, name)
-            self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        self._encoder_layers = encoder_layers
+        self._stats: dict[str, Any] = {}
 
-    def unbind(self) -> None:
-        for handle in getattr(self, "_handles", []):
-            handle.remove()
-        self._handles = []
-
-    def _capture(self, name: str, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.config.alpha > 0:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            with torch.no_grad():
-                self._pending[name] = cls_patch_attention(layer, hidden)
+    def vision_tap_layers(self) -> tuple[int, ...]:
+        """The two ViT layers whose inputs give the CLS rows (captured by the runtime's vision-side hook)."""
+        return (self.config.local_layer, self.config.summary_layer) if self.config.alpha > 0 else ()
 
     def _categories_for(self, state: ForwardState) -> torch.Tensor:
-        """Per-window-position categories, built once per prefill from the last vision-tower run."""
-        if "local_layer" not in self._pending:
+        """Per-window-position categories from this forward's vision-tower run."""
+        taps = state.vision_taps
+        if self.config.local_layer not in taps or self.config.summary_layer not in taps:
             raise RuntimeError("paint: the vision tower did not run before this prefill (no CLS attention captured)")
-        local, summary = self._pending.pop("local_layer"), self._pending.pop("summary_layer")
+        with torch.no_grad():
+            local = cls_patch_attention(self._encoder_layers[self.config.local_layer], taps[self.config.local_layer])
+            summary = cls_patch_attention(
+                self._encoder_layers[self.config.summary_layer], taps[self.config.summary_layer]
+            )
         per_image = [select_tokens(local[i], summary[i], self.config.local_ratio) for i in range(local.shape[0])]
         flat = torch.cat(per_image)
         visual = state.layout.visual
@@ -162,12 +154,18 @@ class PAINT(ReweightMethod):
     def row_edit(self, layer: int, state: ForwardState) -> RowEdit | None:
         if not self.active(layer):
             return None
-        if state.is_prefill and "categories" not in state.extras:
-            self._categories = self._categories_for(state) if state.layout.any_visual else None
-            state.extras["categories"] = self._categories
-        if self._categories is None:
+        generation = state.generation_state(self)  # categories live with the generation, not on the method
+        if state.is_prefill and "categories" not in generation:
+            categories = self._categories_for(state) if state.layout.any_visual else None
+            generation["categories"] = categories
+            if categories is not None:
+                self._stats = {
+                    "local_tokens": int((categories == LOCAL).sum()),
+                    "summary_tokens": int((categories == SUMMARY).sum()),
+                }
+        categories = generation.get("categories")
+        if categories is None:
             return None
-        categories = self._categories
 
         def edit(logits: torch.Tensor, ctx: RowContext) -> torch.Tensor:
             columns = state.window_to_columns(categories, layer, logits.shape[-1], NONE)
@@ -176,9 +174,4 @@ class PAINT(ReweightMethod):
         return RowEdit(edit=edit, rows="last")
 
     def stats(self) -> dict[str, Any]:
-        if self._categories is None:
-            return {}
-        return {
-            "local_tokens": int((self._categories == LOCAL).sum()),
-            "summary_tokens": int((self._categories == SUMMARY).sum()),
-        }
+        return dict(self._stats)  # the last prefill's token counts (reporting only)

@@ -23,6 +23,7 @@ guide's prompt rows only, since there is no answer to generate; ``K`` must be �
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import time
@@ -33,6 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from vlm_accel.config import MethodConfig, check_number, check_ratio
 from vlm_accel.errors import MethodNotApplicable
@@ -41,6 +43,8 @@ from vlm_accel.methods.batch_rows import merge_sequences, merge_step_tensors, sl
 from vlm_accel.methods.sgl_guide import GuideResult, consistency_score, eos_ids, run_guide
 from vlm_accel.runtime.plan import KeepPlan, keep_counts_from_ratio, top_visual_keep_mask
 from vlm_accel.runtime.state import ForwardState
+
+GUIDE_SCORES_ATTRIBUTE = "_vlm_accel_sgl_guide_scores"
 
 # Config attributes that decide how many visual tokens an image becomes and where they go: guide and large model
 # must agree on all of them (SGL §3.1 "same visual-token layout"; the official code asserts equal token counts).
@@ -205,8 +209,6 @@ class SGL(Method):
         super().__init__(config)
         self.guide: nn.Module | None = None
         self.layer = 0
-        self._pending: torch.Tensor | None = None  # guide scores [B, W] for the large model's next prefill
-        self._scores: torch.Tensor | None = None
         self._stats: dict[str, Any] = {"calls": 0, "rows": 0, "exited_rows": 0, "guide_time_s": 0.0}
 
     # ------------------------------------------------------------------------------------------ registry hooks
@@ -275,13 +277,12 @@ class SGL(Method):
         return {"S_conf": conf, "S_cons": cons, "S": 0.5 * (conf + cons.to(conf))}
 
     def on_forward_start(self, state: ForwardState, inputs: dict[str, Any]) -> None:
-        if not state.is_prefill:
+        if not state.is_prefill or not state.layout.any_visual:
             return
-        self._scores = None
-        if not state.layout.any_visual:
-            return
-        if self._pending is not None:
-            scores, self._pending = self._pending, None
+        cache = inputs.get("past_key_values")
+        scores = getattr(cache, GUIDE_SCORES_ATTRIBUTE, None)
+        if scores is not None:  # this generation's guide pass left its scores on the cache (see _with_scores)
+            delattr(cache, GUIDE_SCORES_ATTRIBUTE)
         else:  # a plain forward: no answer to generate, prompt rows only
             if inputs.get("input_ids") is None:
                 raise ValueError(
@@ -295,7 +296,7 @@ class SGL(Method):
                 f"sgl: guide scores cover {tuple(scores.shape)} positions but the large model's prompt is "
                 f"{tuple(state.layout.visual.shape)}"
             )
-        self._scores = scores.to(state.layout.visual.device)
+        state.generation_state(self)["scores"] = scores.to(state.layout.visual.device)
 
     def _check_layout(self, result: GuideResult, kwargs: dict[str, Any]) -> None:
         from vlm_accel.patches import adapter_for
@@ -312,12 +313,13 @@ class SGL(Method):
     # ------------------------------------------------------------------------------------------ pruning
 
     def select(self, layer: int, state: ForwardState) -> KeepPlan | None:
-        if layer != self.layer or not state.is_prefill or self._scores is None:
+        scores = state.generation_state(self).get("scores")
+        if layer != self.layer or not state.is_prefill or scores is None:
             return None
         visual = state.layout.visual
         counts = keep_counts_from_ratio(visual.sum(dim=1), self.config.keep_ratio)
         present = state.present_mask()
-        keep = top_visual_keep_mask(self._scores, visual & present, present, counts)
+        keep = top_visual_keep_mask(scores, visual & present, present, counts)
         if bool((keep == present).all()):
             return None  # nothing to drop (ρ = 1): leave the sequence as it is
         return KeepPlan.from_keep_mask(keep)
@@ -358,14 +360,33 @@ class SGL(Method):
         self._stats["last_scores"] = record
         try:
             if not exits.any():
-                self._pending = result.scores
-                out = generate(**kwargs)
+                out = generate(**self._with_scores(kwargs, result.scores))
                 self._stats["large_rows_run"] = self._stats.get("large_rows_run", 0) + batch
                 return out
             return self._generate_with_exits(generate, kwargs, result, exits)
         finally:
-            self._pending = None
             self._publish_stats()
+
+    def _with_scores(self, kwargs: dict[str, Any], scores: torch.Tensor) -> dict[str, Any]:
+        """The large model's generate() arguments with the guide's scores attached to its KV cache, so they live
+        with this generation alone (a generation run in between, e.g. PAI's image-free guidance, has its own)."""
+        if kwargs.get("use_cache") is False:
+            raise ValueError("sgl needs generate(use_cache=True): the guide's scores travel with the KV cache")
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            config = kwargs.get("generation_config") or self.ctx.model.generation_config
+            mode = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+            cache = DynamicCache(
+                config=self.ctx.model.config.get_text_config(decoder=True), offloading=mode == "offloaded"
+            )
+            kwargs = {k: v for k, v in kwargs.items() if k != "cache_implementation"}
+            if mode is not None and "generation_config" in kwargs:
+                kwargs["generation_config"] = copy.copy(config)
+                kwargs["generation_config"].cache_implementation = None
+            elif mode is not None:
+                kwargs["cache_implementation"] = None
+        setattr(cache, GUIDE_SCORES_ATTRIBUTE, scores)
+        return {**kwargs, "past_key_values": cache}
 
     def _generate_with_exits(
         self, generate: Callable[..., Any], kwargs: dict[str, Any], result: GuideResult, exits: torch.Tensor
@@ -377,8 +398,7 @@ class SGL(Method):
             sub = slice_rows(kwargs, stay, batch)
             if sub is None:  # visual inputs not splittable per row: run every row, keep the stayers' answers
                 sub, large_rows = kwargs, torch.arange(batch)
-            self._pending = result.scores[large_rows.to(result.scores.device)]
-            large_out = generate(**sub)
+            large_out = generate(**self._with_scores(sub, result.scores[large_rows.to(result.scores.device)]))
             self._stats["large_rows_run"] = self._stats.get("large_rows_run", 0) + int(large_rows.numel())
         pad = self._pad_id(kwargs)
         large_seq = (

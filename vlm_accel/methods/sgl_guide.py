@@ -45,7 +45,8 @@ _FORCED_GUIDE_KWARGS = {
     "return_dict_in_generate": True,
     "output_logits": True,
 }
-_DROPPED_GUIDE_KWARGS = (
+_DROPPED_GUIDE_KWARGS = (  # the guide never inherits the caller's logits processors (DESIGN.md, composition)
+    "logits_processor",
     "streamer",
     "assistant_model",
     "output_scores",
