@@ -31,7 +31,7 @@ class FastV(PruneAtLayer):
     config_cls = FastVConfig
 
     def score_request(self, layer: int, state: ForwardState) -> ScoreRequest | None:
-        if state.is_prefill and layer == self.config.layer - 1 and state.layout.any_visual and not state.stages:
+        if state.is_prefill and layer == self.config.layer - 1 and state.layout.any_visual:
             return ScoreRequest(rows="last", reduce="head_mean")
         return None
 

@@ -2,7 +2,8 @@
 
 Layers ``0..K-1`` see every token; from layer ``K`` on, each row keeps all of its non-visual tokens plus its
 ``ceil(keep_ratio × n_visual)`` (or ``keep_count``) best-scoring visual tokens, in original order and at their
-original positions. Subclasses only say how visual tokens are scored.
+original positions. Composed after another selection stage, ``n_visual`` counts the visual tokens that stage kept.
+Subclasses only say how visual tokens are scored.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class PruneAtLayer(Method):
     def select(self, layer: int, state: ForwardState) -> KeepPlan | None:
         if layer != self.config.layer or not state.is_prefill or not state.layout.any_visual:
             return None
-        visual = state.layout.visual
-        counts = self.keep_counts(visual.sum(dim=1))
-        keep = top_visual_keep_mask(self.visual_scores(state), visual, state.present_mask(), counts)
+        present = state.present_mask()
+        candidates = state.layout.visual & present  # composed after another stage: act on what it kept
+        counts = self.keep_counts(candidates.sum(dim=1))
+        keep = top_visual_keep_mask(self.visual_scores(state), candidates, present, counts)
         return KeepPlan.from_keep_mask(keep)
