@@ -192,12 +192,16 @@ def test_replaced_visual_features_equal_a_scaled_projector(family):
         linear.weight.mul_(0.5)
         if linear.bias is not None:
             linear.bias.mul_(0.5)
-    expected, _ = unpatched_run(reference, inputs, "forward")
-    got, _ = run(model, VisionProbeConfig(scale=0.5), inputs, "forward")
-    valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(got[valid], expected[valid], rtol=0, atol=3e-5)
-    unchanged, _ = unpatched_run(model, inputs, "forward")
-    assert (got[valid] - unchanged[valid]).abs().max() > 1e-3  # the replacement really reached the LM
+    # forward: the tower runs inside the base forward; generate: in transformers' encoder pass before the prefill
+    for mode in ("forward", "generate"):
+        expected, expected_seq = unpatched_run(reference, inputs, mode)
+        got, sequences = run(model, VisionProbeConfig(scale=0.5), inputs, mode)
+        valid = inputs["attention_mask"].bool() if mode == "forward" else slice(None)
+        torch.testing.assert_close(got[valid], expected[valid], rtol=0, atol=3e-5)
+        unchanged, _ = unpatched_run(model, inputs, mode)
+        assert (got[valid] - unchanged[valid]).abs().max() > 1e-3  # the replacement really reached the LM
+        if mode == "generate":
+            assert torch.equal(sequences, expected_seq)
 
 
 def test_vision_hook_refuses_a_replacement_of_another_shape():

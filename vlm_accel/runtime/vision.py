@@ -1,6 +1,13 @@
 """The vision-side hook: methods see (and may replace) the visual features between the vision tower and the
 language model, with the call's pixel inputs and any tapped vision-encoder layer inputs at hand.
 
+When: inside the base model's forward (a plain ``model(...)`` call), or — in ``generate()`` — in the encoder pass
+that transformers 5 runs *before* the prefill (``get_image_features`` / ``get_video_features``, whose outputs reach
+the prefill as ``mm_encoder_outputs`` while the pixel kwargs are dropped). For that pass the hooks open a
+:class:`VisionPass` (the same ``generation_state`` / ``stream_state`` / ``pixel_inputs`` / ``vision_taps`` a method
+sees in a forward) and attach it to the encoder output; the prefill that receives the output adopts it, so state a
+method keeps in ``on_visual_features`` reaches its own generation and no other.
+
 Where: the family's projector module (LLaVA / NeXT / OneVision / InternVL ``multi_modal_projector``, Qwen2-VL /
 Qwen2.5-VL ``visual.merger``). ``"pre_projector"`` hooks its input (the tower's selected features — LLaVA-1.5:
 ``[images, patches, d_vision]``; Qwen2-VL: ``[patches, d_vision]`` flat over images, before the 2×2 merge);
@@ -12,7 +19,7 @@ forward (Qwen2-VL runs images, then videos).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +38,30 @@ PIXEL_INPUT_NAMES = (
     "vision_feature_layer",
     "vision_feature_select_strategy",
 )
+
+
+VISION_PASS_ATTRIBUTE = "_vlm_accel_vision_pass"
+ENCODER_FUNCTIONS = ("get_image_features", "get_video_features")
+
+
+@dataclass
+class VisionPass:
+    """What the vision hooks record when the encoder runs outside a base-model forward (generate's encoder pass).
+
+    Offers the part of :class:`~vlm_accel.runtime.state.ForwardState` a vision-side method uses."""
+
+    pixel_inputs: dict[str, Any]
+    stream: Any = None
+    vision_taps: dict[int, torch.Tensor] = field(default_factory=dict)
+    memo: dict[Any, Any] = field(default_factory=dict)
+    generation: dict[Any, dict[str, Any]] = field(default_factory=dict)
+    is_prefill: bool = True
+
+    def generation_state(self, method: object) -> dict[str, Any]:
+        return self.generation.setdefault(method, {})
+
+    def stream_state(self, method: object) -> dict[str, Any] | None:
+        return None if self.stream is None else self.stream.for_method(method)
 
 
 @dataclass
@@ -69,6 +100,8 @@ class VisionHooks:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.wrapped: list[str] = []  # encoder functions wrapped on the base model (instance attributes)
+        self.current_pass: VisionPass | None = None
 
     def install(self) -> None:
         methods = self.runtime.methods
@@ -80,6 +113,11 @@ class VisionHooks:
         taps = sorted({i for m in methods for i in m.vision_tap_layers()})
         if not wanted and not taps:
             return
+        base = self.runtime.adapter.base_model(model)
+        for name in ENCODER_FUNCTIONS:
+            if hasattr(base, name) and name not in vars(base):
+                setattr(base, name, self._encoder_wrapper(getattr(base, name)))
+                self.wrapped.append(name)
         module = projector(model)
         if wanted and module is None:
             raise ValueError(f"{model.config.model_type}: no projector module found for the vision-side hook")
@@ -101,16 +139,50 @@ class VisionHooks:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        base = self.runtime.adapter.base_model(self.runtime.model)
+        for name in self.wrapped:
+            vars(base).pop(name, None)
+        self.wrapped.clear()
+        self.current_pass = None
+
+    def _encoder_wrapper(self, encode):
+        @functools.wraps(encode)
+        def encode_with_state(*args: Any, **kwargs: Any) -> Any:
+            pixel_inputs = {k: v for k, v in kwargs.items() if k in PIXEL_INPUT_NAMES and v is not None}
+            if args and "pixel_values" not in pixel_inputs:
+                pixel_inputs[("pixel_values_videos" if encode.__name__ == "get_video_features" else "pixel_values")] = (
+                    args[0]
+                )
+            state = self.runtime.state
+            if state is not None:  # inside a base-model forward: record into its state
+                state.pixel_inputs.update(pixel_inputs)
+                return encode(*args, **kwargs)
+            self.current_pass = VisionPass(pixel_inputs, stream=self.runtime.stream)
+            try:
+                output = encode(*args, **kwargs)
+            finally:
+                vision_pass, self.current_pass = self.current_pass, None
+            try:
+                setattr(output, VISION_PASS_ATTRIBUTE, vision_pass)
+            except AttributeError:  # an output type that takes no attributes: the prefill cannot adopt the pass
+                pass
+            return output
+
+        return encode_with_state
+
+    def _target(self) -> Any:
+        """Where hooks record: the open forward's state, or generate's encoder pass."""
+        return self.runtime.state if self.runtime.state is not None else self.current_pass
 
     # ------------------------------------------------------------------------------------------------ hooks
 
     def _tap(self, index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
-        state = self.runtime.state
+        state = self._target()
         if state is not None:
             state.vision_taps[index] = args[0] if args else kwargs["hidden_states"]
 
     def _run(self, features: torch.Tensor, where: str) -> torch.Tensor | None:
-        state = self.runtime.state
+        state = self._target()
         if state is None:
             return None
         key = ("vision_calls", where)
