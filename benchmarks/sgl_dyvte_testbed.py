@@ -199,7 +199,7 @@ def main() -> None:
         if "dyvte" in row:
             d = row["dyvte"]
             extra = (f" exit {d['exit_rate']:.1%} visual layers {d['mean_visual_layers']:.2f} "
-                     f"FLOPs saved {d['prefill_flops_saved']:.1%}")  # fmt: skip
+                     f"FLOPs saved {d['prefill_flops_saved']:.1%} (rows alone {d['prefill_flops_saved_alone']:.1%})")  # fmt: skip
         print(f"{row['label']:<22} acc {row['accuracy']:.3f} kept {row.get('visual_kept', 1.0):.1%} "
               f"speedup b{args.batch} {row['speedup']:.2f}x b1 {row['speedup_batch1']:.2f}x{extra}")  # fmt: skip
     print(f"wrote {args.out}")
