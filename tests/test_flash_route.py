@@ -32,11 +32,15 @@ from tiny_models import IMAGE_TOKEN, VIDEO_TOKEN
 
 FAMILIES = supported_model_types()
 PRUNING = "fastv"  # example config prunes after layer 1 or 2 of the 4-layer tiny models
-GENERATE = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN, VIDEO_TOKEN])
+GENERATE = dict(
+    max_new_tokens=3, min_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN, VIDEO_TOKEN]
+)
 
 
 # ------------------------------------------------------------------------------------ exact torch stand-ins
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool
+) -> torch.Tensor:
     """One sequence, flash layout: q ``[Lq, H, D]``, k/v ``[Lk, Hkv, D]``; causal is bottom-right aligned."""
     lq, h, d = q.shape
     lk = k.shape[0]
@@ -78,7 +82,10 @@ class FakeFlash:
             # what transformers does with any other name: look for a hub kernel of that name (and fail)
             raise ValueError(f"no flash kernels for implementation {implementation!r}")
         process = fa_utils._lazy_define_process_function(self.varlen_fn)
-        return (self.flash_fn, self.varlen_fn, None, fa_utils._pad_input, fa_utils._unpad_input), (process, dict)
+        return (self.flash_fn, self.varlen_fn, None, fa_utils._pad_input, fa_utils._unpad_input), (
+            process,
+            dict,
+        )
 
 
 def transformers_route(query: torch.Tensor, attention_mask, kwargs: dict) -> str:
@@ -86,7 +93,9 @@ def transformers_route(query: torch.Tensor, attention_mask, kwargs: dict) -> str
     decision (``query`` is the ``[B, H, L, D]`` the attention function receives)."""
     if attention_mask is not None:
         return "unpad"
-    if all(kwargs.get(n) is not None for n in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")):
+    if all(
+        kwargs.get(n) is not None for n in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    ):
         return "varlen-kwargs"
     if fa_utils._is_packed_sequence(kwargs.get("position_ids"), query.shape[0]):
         return "packed-from-position-ids"
@@ -128,15 +137,16 @@ def _to_flash(model) -> None:
 
 
 def _run(model, config, inputs: dict, mode: str):
-    """Logits of a forward (every position) or the generated sequences, patched with ``config`` (None: not)."""
-    patch = patch_model(model, config) if config is not None else None
+    """Logits of a forward (every position) or the generated sequences, patched with ``config``.
+
+    A flash-patched model is left patched: restoring flash_attention_2 needs the flash_attn package."""
+    patch_model(model, config)
     with torch.no_grad():
         if mode == "forward":
             out = model(**inputs, use_cache=True)
             record = getattr(out.past_key_values, CACHE_ATTRIBUTE, None)
             return out.logits, record
         return model.generate(**inputs, **GENERATE), None
-    # (a flash-patched model is not unpatched here: restoring flash_attention_2 needs the flash_attn package)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -150,7 +160,9 @@ def test_pruned_layers_take_the_unpatched_flash_route(family, batch, fake_flash)
     _to_flash(model)
     flash_logits, _ = _run(model, config, inputs, "forward")
 
-    assert set(fake_flash.loaded) == {"flash_attention_2"}, "the stock flash function must load flash_attention_2"
+    assert set(fake_flash.loaded) == {"flash_attention_2"}, (
+        "the stock flash function must load flash_attention_2"
+    )
     layers = model.config.get_text_config().num_hidden_layers
     assert [c[0] for c in fake_flash.stock_calls] == list(range(layers))
     expected = "unpad" if batch > 1 else "dense"  # what the unpatched model does with this batch
@@ -220,7 +232,10 @@ def test_flash_attention_2_equals_sdpa_on_gpu(family, method):
     for attn in ("sdpa", "flash_attention_2"):
         model, inputs = _model_and_inputs(family, 3)
         model = model.to("cuda", torch.float16)
-        inputs = {k: (v.to("cuda", torch.float16) if v.is_floating_point() else v.to("cuda")) for k, v in inputs.items()}
+        inputs = {
+            k: (v.to("cuda", torch.float16) if v.is_floating_point() else v.to("cuda"))
+            for k, v in inputs.items()
+        }
         if attn != "sdpa":
             model.set_attn_implementation({"text_config": attn})
         try:
@@ -228,4 +243,6 @@ def test_flash_attention_2_equals_sdpa_on_gpu(family, method):
         except MethodNotApplicable as err:
             pytest.skip(f"{method} does not apply to {family}: {err}")
     valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(logits["flash_attention_2"][valid], logits["sdpa"][valid], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        logits["flash_attention_2"][valid], logits["sdpa"][valid], rtol=2e-2, atol=2e-2
+    )
