@@ -172,3 +172,12 @@ def test_without_cuda_the_full_suite_refuses_clearly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "CUDA is not available" in err and "--dry-run" in err
     assert not (tmp_path / "suite.json").exists()
+
+
+def test_pytest_section_subprocess_timeout_is_recorded(tmp_path):
+    """The GPU run's pytest goes through a subprocess with the section's cap; a cut run says so and keeps counts."""
+    ctx = suite_mod.Context(profile=suite_mod.FULL, out=tmp_path, dry_run=False, force=False)
+    result = suite_mod.section_pytest_gpu(ctx, cap=0.5)
+    assert result["status"] == "timeout" and "ran past" in result["reason"]
+    assert result["tests"] == result["passed"] + result["failures"] + result["errors"] + result["skipped"]
+    assert (tmp_path / "logs" / "pytest_gpu.txt").exists()
