@@ -136,52 +136,66 @@ def _to_flash(model) -> None:
     model.config.get_text_config()._attn_implementation = "flash_attention_2"
 
 
-def _run(model, config, inputs: dict, mode: str):
-    """Logits of a forward (every position) or the generated sequences, patched with ``config``.
-
-    A flash-patched model is left patched: restoring flash_attention_2 needs the flash_attn package."""
-    patch_model(model, config)
+def _run(model, config, inputs: dict, modes: tuple[str, ...]) -> dict:
+    """Per mode, the logits of a forward (every position) or the generated sequences, with ``config`` patched in
+    once (None: unpatched). A flash-patched model is left patched: restoring flash_attention_2 needs the flash_attn
+    package."""
+    if config is not None:
+        patch_model(model, config)
+    out = {}
     with torch.no_grad():
-        if mode == "forward":
-            out = model(**inputs, use_cache=True)
-            record = getattr(out.past_key_values, CACHE_ATTRIBUTE, None)
-            return out.logits, record
-        return model.generate(**inputs, **GENERATE), None
+        for mode in modes:
+            out[mode] = model(**inputs).logits if mode == "forward" else model.generate(**inputs, **GENERATE)
+    return out
+
+
+def _routes(fake: FakeFlash) -> list[str]:
+    return [transformers_route(torch.empty(q), m, kw) for _, q, m, kw in fake.stock_calls]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_pruned_layers_take_the_unpatched_flash_route(family, batch, fake_flash):
+@pytest.mark.parametrize("mode", ["forward", "generate"])
+def test_pruned_layers_take_the_unpatched_flash_route(family, batch, mode, fake_flash):
+    """Every flash call of a pruned model (prefill and decode steps) takes the route the unpatched model takes at
+    the same call: dense without padding, unpad with it; never the packed-sequence route."""
     config = get_method_class(PRUNING).example_config()
     model, inputs = _model_and_inputs(family, batch)
-    sdpa_logits, record = _run(model, config, inputs, "forward")
-    first_pruned = record.stages[0].layer
+    sdpa_out = _run(model, config, inputs, (mode,))[mode]
     model, _ = _model_and_inputs(family, batch)
     _to_flash(model)
-    flash_logits, _ = _run(model, config, inputs, "forward")
+    _run(model, None, inputs, (mode,))
+    unpatched_routes, unpatched_calls = _routes(fake_flash), list(fake_flash.calls)
+    fake_flash.stock_calls.clear()
+    fake_flash.calls.clear()
+    flash_out = _run(model, config, inputs, (mode,))[mode]  # the same model, now patched
 
     assert set(fake_flash.loaded) == {"flash_attention_2"}, (
         "the stock flash function must load flash_attention_2"
     )
     layers = model.config.get_text_config().num_hidden_layers
-    assert [c[0] for c in fake_flash.stock_calls] == list(range(layers))
+    steps = 1 if mode == "forward" else GENERATE["max_new_tokens"]
+    assert [c[0] for c in fake_flash.stock_calls] == list(range(layers)) * steps
     expected = "unpad" if batch > 1 else "dense"  # what the unpatched model does with this batch
-    routes = [transformers_route(torch.empty(q), m, kw) for _, q, m, kw in fake_flash.stock_calls]
-    assert routes == [expected] * layers, routes
-    assert fake_flash.calls == ["varlen" if batch > 1 else "dense"] * layers
-    for layer, _, mask, kwargs in fake_flash.stock_calls:
+    assert _routes(fake_flash) == unpatched_routes == [expected] * layers * steps
+    assert fake_flash.calls == unpatched_calls == ["varlen" if batch > 1 else "dense"] * layers * steps
+    for layer, q_shape, mask, kwargs in fake_flash.stock_calls:
         assert mask is None or mask.dim() == 2
-        if layer >= first_pruned:
+        if layer >= config.layer and q_shape[2] > 1:  # the pruned prefill
             assert kwargs.get("position_ids") is None
-    valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(flash_logits[valid], sdpa_logits[valid], rtol=0, atol=1e-5)
+    if mode == "forward":
+        valid = inputs["attention_mask"].bool()
+        torch.testing.assert_close(flash_out[valid], sdpa_out[valid], rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(flash_out, sdpa_out)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gathered_positions_would_be_read_as_packed(family):
     """Why the runtime must not hand gathered positions to flash: transformers calls them packed (batch 1)."""
     model, inputs = _model_and_inputs(family, 1)
-    _, record = _run(model, get_method_class(PRUNING).example_config(), inputs, "forward")
+    with torch.no_grad(), patch_model(model, get_method_class(PRUNING).example_config()):
+        record = getattr(model(**inputs, use_cache=True).past_key_values, CACHE_ATTRIBUTE)
     window = inputs["input_ids"].shape[1]
     gathered = torch.arange(window).gather(0, record.stages[0].plan.index[0])[None]
     assert fa_utils._is_packed_sequence(gathered, batch_size=1)
@@ -202,21 +216,19 @@ def test_every_method_on_fake_flash_equals_sdpa(family, method, fake_flash):
     config = _example(method)
     results = {}
     for attn in ("sdpa", "flash"):
-        for mode in ("forward", "generate"):
-            model, inputs = _model_and_inputs(family, 3)
-            if attn == "flash":
-                _to_flash(model)
-            try:
-                results[attn, mode] = _run(model, config, inputs, mode)[0]
-            except MethodNotApplicable as err:
-                pytest.skip(f"{method} does not apply to {family}: {err}")
+        model, inputs = _model_and_inputs(family, 3)
+        if attn == "flash":
+            _to_flash(model)
+        try:
+            out = _run(model, config, inputs, ("forward", "generate"))
+        except MethodNotApplicable as err:
+            pytest.skip(f"{method} does not apply to {family}: {err}")
+        results.update({(attn, mode): value for mode, value in out.items()})
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(results["flash", "forward"][valid], results["sdpa", "forward"][valid], rtol=0,
                                atol=1e-5)  # fmt: skip
     assert torch.equal(results["flash", "generate"], results["sdpa", "generate"])
-    assert "packed-from-position-ids" not in [
-        transformers_route(torch.empty(q), m, kw) for _, q, m, kw in fake_flash.stock_calls
-    ]
+    assert "packed-from-position-ids" not in _routes(fake_flash)
 
 
 # ------------------------------------------------------------------------------------ real kernels (GPU)
@@ -239,7 +251,7 @@ def test_flash_attention_2_equals_sdpa_on_gpu(family, method):
         if attn != "sdpa":
             model.set_attn_implementation({"text_config": attn})
         try:
-            logits[attn] = _run(model, config, inputs, "forward")[0].float()
+            logits[attn] = _run(model, config, inputs, ("forward",))["forward"].float()
         except MethodNotApplicable as err:
             pytest.skip(f"{method} does not apply to {family}: {err}")
     valid = inputs["attention_mask"].bool()
