@@ -847,6 +847,7 @@ def make_plots(suite: dict, out: Path) -> list[str]:
         if not any(r["arm"] != "unpatched" for r in rows):
             continue
         result = {"meta": {"settings": {"model": llava["geometry"], "dtype": suite["profile"]["dtype"],
+                                        "device": suite["profile"]["device"],
                                         "attn": attn}, "device_name": suite["meta"].get("device_name")},
                   "rows": rows}  # fmt: skip
         with contextlib.suppress(Exception):  # a plot must never cost the numbers
@@ -984,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = DRY if args.dry_run else FULL
     if args.budget_s is not None:
         profile = Profile(**{**asdict(profile), "budget_s": args.budget_s})
+    args.out = args.out.resolve()  # the pytest subprocess runs from the repository root
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = Context(profile=profile, out=args.out, dry_run=args.dry_run, force=args.force,
                   argv=list(sys.argv[1:] if argv is None else argv))  # fmt: skip
