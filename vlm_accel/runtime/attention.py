@@ -17,6 +17,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from vlm_accel.runtime.flash_route import is_flash, stock_flash_call
+
 PREFIX = "vlm_accel_"
 SUPPORTED_BACKENDS: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 RUNTIME_ATTRIBUTE = "_vlm_accel_runtime"
@@ -36,6 +38,8 @@ def _stock_attention(backend: str, module: torch.nn.Module) -> AttentionFn:
     if backend == "eager":
         # "eager" is not in the global table: each modeling file defines its own eager_attention_forward.
         return sys.modules[type(module).__module__].eager_attention_forward
+    if is_flash(backend):  # the flash function loads its kernels by the config's name, which is ours
+        return stock_flash_call(ALL_ATTENTION_FUNCTIONS[backend], backend)
     return ALL_ATTENTION_FUNCTIONS[backend]
 
 

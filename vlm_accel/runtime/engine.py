@@ -41,6 +41,7 @@ from vlm_accel.runtime.attention import (
     register_attention_functions,
     wrapped_name,
 )
+from vlm_accel.runtime.flash_route import pruned_layer_position_ids
 from vlm_accel.runtime.generation import guarded_generate, nest_generate_wrappers
 from vlm_accel.runtime.layout import VisualLayout
 from vlm_accel.runtime.masks import LayerMasks
@@ -322,7 +323,9 @@ class Runtime:
             state.memo[("inputs", stage_number)] = inputs
         cos_sin, position_ids = inputs
         kwargs["position_embeddings"] = cos_sin
-        kwargs["position_ids"] = position_ids
+        # flash would read gapped kept positions as packed sequences (runtime/flash_route.py)
+        backend = base_backend(self.text_config._attn_implementation)
+        kwargs["position_ids"] = pruned_layer_position_ids(backend, position_ids)
         kwargs["attention_mask"] = self.masks.prefill(index, stage_number, stage, hidden, kwargs, state)
         if args:
             args = (hidden, *args[1:])
