@@ -33,6 +33,7 @@ from vlm_accel.config import check_int, check_number, check_ratio
 from vlm_accel.errors import MethodNotApplicable
 from vlm_accel.methods.base import RowEdit
 from vlm_accel.methods.reweighting import ReweightConfig, ReweightMethod
+from vlm_accel.runtime.devices import execution_device
 from vlm_accel.runtime.scores import RowContext
 from vlm_accel.runtime.state import ForwardState
 
@@ -139,6 +140,8 @@ class PAINT(ReweightMethod):
     def _capture(self, name: str, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self.config.alpha > 0:
             hidden = args[0] if args else kwargs["hidden_states"]
+            device = execution_device(layer)  # this pre-hook runs before accelerate moves the layer's inputs
+            hidden = hidden if device is None else hidden.to(device)
             with torch.no_grad():
                 self._pending[name] = cls_patch_attention(layer, hidden)
 
