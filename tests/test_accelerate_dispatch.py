@@ -43,20 +43,20 @@ GENERATE = {
 }  # fmt: skip
 
 
-def alternating_map(model) -> dict[str, str]:
+def alternating_map(model, first: str = "cpu", second: str = "disk") -> dict[str, str]:
     """Every other decoder layer, the final norm, the input embeddings, the projector and the first vision-encoder
-    layer offloaded to disk; the rest on ``cpu``. Built from the adapter, so it names the family's real modules."""
+    layer on ``second``; the rest on ``first``. Built from the adapter, so it names the family's real modules."""
     adapter = adapter_for(model)
     names = {id(module): name for name, module in model.named_modules()}
-    disk = [layer for i, layer in enumerate(adapter.decoder_layers(model)) if i % 2]
-    disk += [adapter.final_norm(model), adapter.language_model(model).get_input_embeddings(), projector(model)]
-    disk.append(vision_encoder_layers(model)[0])
-    blocks = {names[id(m)]: "disk" for m in disk}
-    blocks |= {names[id(m)]: "cpu" for i, m in enumerate(adapter.decoder_layers(model)) if not i % 2}
+    moved = [layer for i, layer in enumerate(adapter.decoder_layers(model)) if i % 2]
+    moved += [adapter.final_norm(model), adapter.language_model(model).get_input_embeddings(), projector(model)]
+    moved.append(vision_encoder_layers(model)[0])
+    blocks = {names[id(m)]: second for m in moved}
+    blocks |= {names[id(m)]: first for i, m in enumerate(adapter.decoder_layers(model)) if not i % 2}
     for name, _ in [*model.named_parameters(), *model.named_buffers()]:
         if not any(name.startswith(block + ".") for block in blocks):
             owner = name.rsplit(".", 1)[0]
-            blocks.setdefault(owner, "cpu")
+            blocks.setdefault(owner, first)
     return blocks
 
 
