@@ -9,6 +9,7 @@ registers ``vlm-accel``) and then runs lm-eval's CLI on every remaining argument
 
     python -m vlm_accel.eval.lm_eval_cli ...                  # the same, without the vlm-accel entry point
     accelerate launch -m vlm_accel.eval.lm_eval_cli ...       # data parallel, as lm-eval documents it
+    vlm-accel eval --num-processes 2 ...                      # the same launch done for you (CPU: torchrun + gloo)
 
 The shipped testbed task YAMLs (``vlm_accel/testbed/tasks``) are added to the task search path; a user's own
 ``--include_path`` (or one set in a ``--config`` YAML) is kept alongside them.
@@ -61,6 +62,15 @@ def run_lm_eval(argv: Sequence[str]) -> int:
     addition between parse and execute: ``include_path`` becomes the list [testbed tasks, the config's, the
     user's] — lm-eval's ``--include_path`` flag takes a single directory but its ``TaskManager`` accepts a list.
     """
+    from vlm_accel.eval.distributed import launch, pop_num_processes
+
+    try:
+        num_processes, argv = pop_num_processes(argv)
+    except ValueError as err:
+        print(f"vlm-accel eval: {err}", file=sys.stderr)
+        return 2
+    if num_processes > 1:  # data parallel: relaunch in N processes (accelerate / torchrun), then lm-eval shards
+        return launch(num_processes, argv)
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 

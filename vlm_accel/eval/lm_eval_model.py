@@ -13,8 +13,8 @@ Every other keyword goes to lm-eval's ``HFMultimodalLM`` (``dtype``, ``device``,
 The results JSON records, under ``config.vlm_accel``, the method config(s) and the patch's statistics aggregated
 over the run (generate calls, visual tokens seen / kept, KV-cache bytes at the end of each generation vs. the
 unpatched size, wall time inside ``generate``). lm-eval adds ``get_model_info()`` to ``results["config"]`` after
-evaluation, which is the hook used here. In a data-parallel run (``accelerate launch``) the stats are those of
-rank 0, which is the process that writes the results.
+evaluation, which is the hook used here. In a data-parallel run (``accelerate launch`` / ``vlm-accel eval
+--num-processes N``) the ranks' stats are merged into that block (:mod:`vlm_accel.eval.distributed`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from lm_eval.models.hf_vlms import HFMultimodalLM
 import vlm_accel
 from vlm_accel.api import Patch, patch_model
 from vlm_accel.config import MethodConfig, field_names
+from vlm_accel.eval import distributed
 from vlm_accel.registry import get_config_class
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ class VLMAccelLM(HFMultimodalLM):
         self.run_stats = RunStats()
         self.patch: Patch | None = None
         super().__init__(resolve_pretrained(pretrained), tokenizer=tokenizer, **rest)
+        distributed.adopt_accelerator_ranks(self)  # data parallel on CPU / one GPU too
         if configs:
             self.patch = patch_model(self.model, configs[0] if len(configs) == 1 else configs)
             logger.info("vlm_accel: patched %s with %s", type(self.model).__name__, self.patch)
@@ -232,13 +234,21 @@ class VLMAccelLM(HFMultimodalLM):
         self.run_stats.add(int(inputs["input_ids"].shape[0]), time.perf_counter() - start, self.patch)
         return out
 
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        if self.world_size <= 1:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        # data parallel: skip lm-eval's padding copies, then merge every rank's stats (eval/distributed.py)
+        out = distributed.generate_without_padding(super().generate_until, requests, disable_tqdm)
+        self.merged_stats = distributed.merge_stats(distributed.gather_objects(self.run_stats.as_dict(self.patch)))
+        return out
+
     def vlm_accel_info(self) -> dict[str, Any]:
         """The patch config(s) and aggregated stats recorded into the results JSON."""
         return {
             "version": vlm_accel.__version__,
             "method": "+".join(c.method_name for c in self.method_configs) or "none",
             "method_config": [c.to_dict() for c in self.method_configs],
-            "stats": self.run_stats.as_dict(self.patch),
+            "stats": getattr(self, "merged_stats", None) or self.run_stats.as_dict(self.patch),
         }
 
     def get_model_info(self) -> dict:

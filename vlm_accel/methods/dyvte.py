@@ -30,6 +30,7 @@ import torch
 from vlm_accel.config import MethodConfig, check_int, check_number
 from vlm_accel.methods.base import KIND_SELECTION, Method
 from vlm_accel.methods.dyvte_routers import DyVTERouters, check_routers, router_features, text_span_mask
+from vlm_accel.runtime.devices import execution_device
 from vlm_accel.runtime.plan import KeepPlan
 from vlm_accel.runtime.state import ForwardState
 
@@ -109,7 +110,7 @@ class DyVTE(Method):
         if self.config.routers is not None:
             self.routers, self.metadata = DyVTERouters.load(self.config.routers)
             check_routers(self.routers, self.metadata, ctx.model, self.config.check_fingerprint)
-            self.routers.to(next(ctx.model.parameters()).device)
+            self.routers.to(execution_device(ctx.model) or "cpu")  # never read an offloaded parameter's device
 
     # ------------------------------------------------------------------------------------------ prefill
 
@@ -137,8 +138,10 @@ class DyVTE(Method):
         index = state.current_index
         if index is not None:  # the sequence is a kept subset: move the window mask to its slots
             span = span.gather(1, index.clamp(min=0)) & (index >= 0)
+        hidden = state.layer_input  # on this layer's device; span and the routers on the home device
         with torch.no_grad():
-            logits = self.routers(layer, router_features(state.layer_input, span))
+            features = router_features(hidden, span.to(hidden.device)).to(self.routers.w1.device)
+            logits = self.routers(layer, features).to(state.layout.visual.device)
         if self.config.exit_probability == 0.5:
             return logits[:, 0] < logits[:, 1]  # the official rule, bit for bit
         return torch.softmax(logits.float(), dim=-1)[:, 1] > self.config.exit_probability

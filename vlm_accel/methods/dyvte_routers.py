@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vlm_accel.runtime.devices import onloaded
+
 FORMAT = "vlm_accel.dyvte.routers"
 
 
@@ -131,10 +133,10 @@ def model_fingerprint(model: nn.Module) -> str:
     digest.update(
         f"{model.config.model_type}|{text.hidden_size}|{text.num_hidden_layers}|{text.vocab_size}".encode()
     )
-    embed = adapter.language_model(model).get_input_embeddings().weight
-    norm = adapter.final_norm(model).weight
-    for tensor in (embed[:64], norm):
-        digest.update(tensor.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    for module, rows in ((adapter.language_model(model).get_input_embeddings(), 64), (adapter.final_norm(model), None)):
+        with onloaded(module):  # an offloaded (accelerate) module's weight is on the meta device outside this
+            tensor = module.weight[:rows]
+            digest.update(tensor.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

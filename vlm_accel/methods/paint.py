@@ -23,6 +23,7 @@ visual tokens (LLaVA-1.5: ``vision_feature_select_strategy="default"``, one imag
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +33,7 @@ from vlm_accel.config import check_int, check_number, check_ratio
 from vlm_accel.errors import MethodNotApplicable
 from vlm_accel.methods.base import RowEdit
 from vlm_accel.methods.reweighting import ReweightConfig, ReweightMethod
+from vlm_accel.runtime.devices import execution_device, onloaded
 from vlm_accel.runtime.scores import RowContext
 from vlm_accel.runtime.state import ForwardState
 
@@ -63,7 +65,18 @@ class PAINTConfig(ReweightConfig):
 
 
 def cls_patch_attention(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """CLS→patch attention of one CLIP encoder layer, summed over heads: ``[images, patches]``."""
+    """CLS→patch attention of one CLIP encoder layer, summed over heads: ``[images, patches]``.
+
+    The layer's weights are read inside accelerate's onload (an offloaded layer keeps them on the meta device
+    outside its forward); the result comes back on ``hidden``'s device."""
+    with contextlib.ExitStack() as stack:
+        for module in layer.modules():
+            stack.enter_context(onloaded(module))
+        device = execution_device(layer.layer_norm1) or hidden.device
+        return _cls_patch_attention(layer, hidden.to(device)).to(hidden.device)
+
+
+def _cls_patch_attention(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     attention = layer.self_attn
     x = layer.layer_norm1(hidden)
     heads, dim = attention.num_heads, attention.head_dim

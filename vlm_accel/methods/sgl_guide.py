@@ -34,6 +34,7 @@ from torch import nn
 
 from vlm_accel.config import MethodConfig
 from vlm_accel.methods.base import Method, ScoreRequest
+from vlm_accel.runtime.devices import execution_device
 from vlm_accel.runtime.plan import KeepPlan, keep_counts_from_ratio, top_visual_keep_mask
 from vlm_accel.runtime.state import ForwardState, ScoreTap
 
@@ -202,7 +203,7 @@ def run_guide(
     from vlm_accel.patches import adapter_for
     from vlm_accel.runtime.engine import Runtime
 
-    device = next(guide.parameters()).device
+    device = execution_device(guide) or "cpu"  # an offloaded guide's first parameter may be on the meta device
     inputs = model_inputs(kwargs, device)
     adapter = adapter_for(guide)
     heads = int(adapter.text_config(guide).num_attention_heads)

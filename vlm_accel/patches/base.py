@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from vlm_accel.runtime.devices import onloaded
+
 
 @dataclass(frozen=True)
 class FamilyAdapter:
@@ -50,7 +52,8 @@ class FamilyAdapter:
 
     def visual_token_embeddings(self, model: nn.Module) -> list[torch.Tensor]:
         embed = self.language_model(model).get_input_embeddings()
-        return [embed.weight[i] for i in self.visual_token_ids(model)]
+        with onloaded(embed):  # an offloaded (accelerate) embedding's weight is on the meta device outside this
+            return [embed.weight[i].clone() for i in self.visual_token_ids(model)]
 
     def check_model(self, model: nn.Module) -> None:
         if type(model).__name__ not in self.class_names:

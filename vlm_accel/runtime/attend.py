@@ -77,7 +77,7 @@ class AttentionDispatch:
         else:
             output, weights = stock(module, query, key, value, attention_mask, **kwargs)
         if gates is not None:
-            output = output * gates.weights.to(output.dtype)[..., None]
+            output = output * gates.weights.to(output.device, output.dtype)[..., None]
         return output, weights
 
     # ------------------------------------------------------------------------------------------------ taps
@@ -95,7 +95,8 @@ class AttentionDispatch:
     ) -> None:
         rows = resolve_rows(request.rows, query.shape[0], query.shape[2], query.device)
         probs = row_attention_probs(query, key, attention_mask, rows, _scaling(module, query, kwargs), request.reduce)
-        tap = ScoreTap(probs, rows, state.current_index)
+        home = state.layout.visual.device  # methods keep their state on the home device (runtime/devices.py)
+        tap = ScoreTap(probs.to(home), rows.to(home), state.current_index)
         state.taps[(id(method), module.layer_idx)] = tap
         method.on_scores(module.layer_idx, tap, state)
 

@@ -42,13 +42,13 @@ class LayerMasks:
     ) -> Any:
         """Mask of a prefill layer inside stage ``stage_number``: the 2-D mask gathered to the kept slots."""
         layer_type = self.layer_type(index)
-        key = ("mask", stage_number, layer_type)
+        key = ("mask", stage_number, layer_type, hidden.device)  # one per device of a multi-device model
         if key not in state.memo:
             mask_2d = state.attention_mask_2d
             if mask_2d is None:
-                mask_2d = torch.ones(state.batch, state.prefix_len + state.window_len, device=hidden.device)
+                mask_2d = torch.ones(state.batch, state.prefix_len + state.window_len, device=stage.plan.index.device)
             window = mask_2d[:, state.prefix_len :].gather(1, stage.plan.safe_index).bool() & stage.plan.valid
-            stage_2d = torch.cat([mask_2d[:, : state.prefix_len].bool(), window], dim=1)
+            stage_2d = torch.cat([mask_2d[:, : state.prefix_len].bool(), window], dim=1).to(hidden.device)
             state.memo[key] = self.build(layer_type, hidden, stage_2d, kwargs, index)
         return state.memo[key]
 
@@ -57,14 +57,14 @@ class LayerMasks:
         to what the layer holds."""
         record = state.continuing
         layer_type = self.layer_type(index)
-        key = ("continue", id(stage), layer_type)
+        key = ("continue", id(stage), layer_type, hidden.device)
         if key not in state.memo:
             total = state.prefix_len + state.window_len
             mask_2d = state.attention_mask_2d
             if mask_2d is None:
-                mask_2d = torch.ones(state.batch, total, dtype=torch.bool, device=hidden.device)
+                mask_2d = torch.ones(state.batch, total, dtype=torch.bool, device=stage.plan.index.device)
             start, end = record.prefix_len, record.prefix_len + record.window_len
             window = mask_2d[:, start:end].gather(1, stage.plan.safe_index).bool() & stage.plan.valid
-            stage_2d = torch.cat([mask_2d[:, :start].bool(), window, mask_2d[:, end:].bool()], dim=1)
+            stage_2d = torch.cat([mask_2d[:, :start].bool(), window, mask_2d[:, end:].bool()], dim=1).to(hidden.device)
             state.memo[key] = self.build(layer_type, hidden, stage_2d, kwargs, index)
         return state.memo[key]

@@ -103,9 +103,15 @@ def edited_rows_attention(
     allowed = allowed_keys(attention_mask, rows, query.shape[2], key.shape[2])
     logits = fp32_logits(q_rows.reshape(batch, kv_heads, groups * m, dim), key).mul_(scaling)
     logits = logits.view(batch, heads, m, -1).masked_fill(~allowed[:, None], float("-inf"))
-    context = RowContext(visual_columns[:, None, :] & allowed, allowed, rows, layer, state)
+    # edits read per-call state, which lives on the home device (runtime/devices.py): only the few edited rows'
+    # logits cross over, and back (no copy on a one-device model)
+    home = visual_columns.device
+    allowed_home = allowed.to(home)
+    context = RowContext(visual_columns[:, None, :] & allowed_home, allowed_home, rows.to(home), layer, state)
+    edited = logits.to(home)
     for edit in edits:
-        logits = edit(logits, context)
+        edited = edit(edited, context)
+    logits = edited.to(query.device)
     probs = masked_softmax_(logits, allowed[:, None])
     out = torch.matmul(probs.view(batch, kv_heads, groups * m, -1), value.float())
     return out.view(batch, heads, m, dim).transpose(1, 2).to(query.dtype)

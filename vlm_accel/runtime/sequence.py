@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from vlm_accel.runtime.devices import execution_device
 from vlm_accel.runtime.plan import KeepPlan
 from vlm_accel.runtime.state import ForwardState, Stage
 
@@ -28,8 +29,9 @@ def scatter_to_window(full: torch.Tensor, hidden: torch.Tensor, current: torch.T
     """``full`` ``[B, W, D]`` with the slots of the current sequence (window positions ``current``) overwritten by
     ``hidden`` ``[B, W', D]``; padded slots are ignored."""
     dim = hidden.shape[-1]
+    current = current.to(hidden.device)  # multi-device models: the state lives on the home device (devices.py)
     target = torch.where(current >= 0, current, window_len)
-    buffer = torch.cat([full, hidden.new_zeros(full.shape[0], 1, dim)], dim=1)
+    buffer = torch.cat([full.to(hidden.device), hidden.new_zeros(full.shape[0], 1, dim)], dim=1)
     buffer.scatter_(1, target[..., None].expand(-1, -1, dim), hidden)
     return buffer[:, :window_len]
 
@@ -46,20 +48,20 @@ def push_stage(index: int, plan: KeepPlan, hidden: torch.Tensor, state: ForwardS
         state.full_hidden = scatter_to_window(state.full_hidden, hidden, current, state.window_len)
     state.stages.append(Stage(index, plan))
     if plan.groups is None:
-        relative = relative_positions(plan.safe_index, current, state.window_len)
+        relative = relative_positions(plan.safe_index, current, state.window_len).to(hidden.device)
         return hidden.gather(1, relative[..., None].expand(-1, -1, dim))
     # token merging: each kept slot becomes the mean hidden state of its group of window positions
     batch, width, size = plan.groups.shape
     relative = relative_positions(plan.groups.clamp(min=0).view(batch, -1), current, state.window_len)
-    members = hidden.gather(1, relative[..., None].expand(-1, -1, dim)).view(batch, width, size, dim)
-    weights = (plan.groups >= 0).to(hidden.dtype)[..., None]
+    members = hidden.gather(1, relative.to(hidden.device)[..., None].expand(-1, -1, dim)).view(batch, width, size, dim)
+    weights = (plan.groups >= 0).to(hidden.device, hidden.dtype)[..., None]
     return (members * weights).sum(2) / weights.sum(2).clamp(min=1)
 
 
 def gather_layer_inputs(stage: Stage, kwargs: dict, state: ForwardState) -> tuple[tuple, torch.Tensor | None]:
     """cos/sin and position ids of the kept tokens: original positions, gathered (never recomputed)."""
-    index = stage.plan.safe_index
     cos, sin = kwargs["position_embeddings"]
+    index = stage.plan.safe_index.to(cos.device)
 
     def gather_rows(t: torch.Tensor) -> torch.Tensor:
         t = t.expand(state.batch, *t.shape[1:])
@@ -67,12 +69,13 @@ def gather_layer_inputs(stage: Stage, kwargs: dict, state: ForwardState) -> tupl
 
     position_ids = kwargs.get("position_ids")
     if position_ids is not None:
-        position_ids = gather_rows(position_ids)
+        position_ids = gather_rows(position_ids.to(cos.device))
     return (gather_rows(cos), gather_rows(sin)), position_ids
 
 
 def full_length_output(state: ForwardState, hidden: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     """The final hidden states at every window position: kept tokens from ``hidden``, dropped ones the final norm
     of the state they had when they were dropped."""
-    full = norm(state.full_hidden)
+    device = execution_device(norm)  # the final norm may be offloaded: call it (its hook onloads), never read it
+    full = norm(state.full_hidden if device is None else state.full_hidden.to(device))
     return scatter_to_window(full, hidden, state.current_index, state.window_len)
