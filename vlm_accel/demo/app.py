@@ -8,6 +8,7 @@ system fonts, no server-side rendering). ``vlm-accel demo`` and ``demo/app.py`` 
 
 from __future__ import annotations
 
+import html
 import logging
 import os
 import random
@@ -148,8 +149,8 @@ def draw_scene(seed: Any, family: str, scene_dir: Path) -> tuple[str, str, str, 
     return str(path), qa.question, f"Ground truth for the drawn scene: **{qa.answer}** ({fam})", ""
 
 
-def _error(message: str) -> str:
-    return f'<div class="demo-error" role="alert">⚠️ {message}</div>'
+def _error(message: str, request: int = 0) -> str:
+    return f'<div class="demo-error" role="alert" data-request="{request}">⚠️ {html.escape(message)}</div>'
 
 
 def preview(path: str | None) -> tuple[Any, str]:
@@ -228,23 +229,27 @@ def build_app(pool: SlotPool, methods: list[str] | None = None, repeats: int = 3
         outputs = [status, answer_base, answer_patched, metrics_base, metrics_patched, kept, overlay, layers, speed,
                    notes]  # fmt: skip
 
-        def handle(path, text, a, b, new_tokens, *values):
+        def handle(count, path, text, a, b, new_tokens, *values):
+            count += 1  # per-session request number: the page (and the browser tests) can tell replies apart
             empty = ["", "", "", "", "", None, None, None, ""]
             try:
                 image = open_image(path)
                 configs = _configs(a, b if b != NONE else "", panels, list(values))
                 result = run_request(pool, image, text, configs, int(new_tokens or 0), repeats)
             except (ValueError, TypeError) as err:
-                return [_error(str(err)), *empty]
+                return [count, _error(str(err), count), *empty]
             except Exception as err:  # keep serving; the pool has already unpatched the slot
                 logger.exception("demo request failed")
-                return [_error(f"internal error: {type(err).__name__}: {err}"), *empty]
-            return ['<div class="demo-ok">done</div>', result.base.answer, result.patched.answer,
+                return [count, _error(f"internal error: {type(err).__name__}: {err}", count), *empty]
+            done = f'<div class="demo-ok" data-request="{count}">request {count}: done</div>'
+            return [count, done, result.base.answer, result.patched.answer,
                     _metrics(result.base, "unpatched"), _metrics(result.patched, result.label), _kept_line(result),
                     pictures.overlay(result), pictures.layers_plot(result), pictures.speed_plot(result),
                     _method_notes(result)]  # fmt: skip
 
-        run.click(handle, [upload, question, method_a, method_b, max_new, *all_components], outputs,
+        requests = gr.State(0)
+        run.click(handle, [requests, upload, question, method_a, method_b, max_new, *all_components],
+                  [requests, *outputs],
                   concurrency_limit=pool.size, concurrency_id="model-slots")  # fmt: skip
     return app
 
