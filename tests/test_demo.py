@@ -229,3 +229,44 @@ def test_demo_subcommand_is_registered():
 
     args = build_parser().parse_args(["demo", "--model", "testbed-s", "--slots", "3", "--port", "7999"])
     assert (args.command, args.model, args.slots, args.port) == ("demo", "testbed-s", 3, 7999)
+
+
+def test_demo_command_serves_offline_on_cpu(tmp_path):
+    """``vlm-accel demo`` starts with no network and no GPU and answers HTTP (time printed, not asserted)."""
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install '.[demo]'")
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "vlm_accel.cli", "demo", "--port", str(port), "--slots", "1"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = start + 240
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as reply:
+                    assert reply.status == 200 and b"vlm_accel demo" in reply.read()
+                    break
+            except OSError:
+                assert time.perf_counter() < deadline, "the demo did not start serving"
+                time.sleep(0.5)
+        served = time.perf_counter() - start
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    import resource
+
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"vlm-accel demo served after {served:.1f} s wall, {cpu.ru_utime + cpu.ru_stime:.1f} s CPU (until stopped)")

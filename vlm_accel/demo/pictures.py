@@ -160,6 +160,7 @@ def speed_plot(result: DemoResult) -> Image.Image:
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
         ax.margins(y=0.2)
-    fig.suptitle(f"median of interleaved runs on {result.device}", fontsize=9)
+    runs = "one run" if result.repeats == 1 else f"median of {result.repeats} interleaved runs"
+    fig.suptitle(f"{runs} per arm on {result.device} (wall clock)", fontsize=9)
     fig.tight_layout()
     return _figure_image(fig)

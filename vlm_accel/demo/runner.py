@@ -134,6 +134,7 @@ class DemoResult:
     seen_image: Image.Image  # the pixels the model saw (after resize / crop)
     n_visual: int
     device: str
+    repeats: int = 1  # timings are medians of this many interleaved runs per arm
 
     @property
     def grid(self) -> int | None:
@@ -355,7 +356,7 @@ def run_request(pool: SlotPool, image: Image.Image, question: str, configs: list
             _attention_pair(slot.model, inputs, configs, base, patched)
         label = " + ".join(c.label() for c in configs)
         return DemoResult(base, patched, label, seen_image(slot, inputs, image), _visual_count(slot.model, inputs),
-                          slot.device)  # fmt: skip
+                          slot.device, int(repeats))  # fmt: skip
 
 
 def _median_timings(runs: list[ArmResult]) -> ArmResult:
