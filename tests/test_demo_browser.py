@@ -90,11 +90,18 @@ def _value(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id} textarea").input_value()
 
 
-def test_page_loads_with_every_method(browser, server):
-    page = _open(browser, server)
-    assert "vlm_accel demo" in page.title() or page.locator("h1").inner_text().startswith("vlm_accel demo")
+def test_page_loads_with_every_method_and_no_outside_request(browser, server):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+            else None)  # fmt: skip
+    page.goto(server.local_url, timeout=TIMEOUT_MS)
+    page.wait_for_selector("#run", timeout=TIMEOUT_MS)
+    assert page.locator("h1").first.inner_text().startswith("vlm_accel demo")
     labels = page.locator("#method-a label").all_inner_texts()
     assert sorted(t.strip() for t in labels) == sorted(list_methods())
+    page.wait_for_load_state("networkidle", timeout=TIMEOUT_MS)
+    assert outside == []  # no fonts, analytics or CDN: the page works offline
     page.close()
 
 
