@@ -270,3 +270,25 @@ def test_demo_command_serves_offline_on_cpu(tmp_path):
 
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"vlm-accel demo served after {served:.1f} s wall, {cpu.ru_utime + cpu.ru_stime:.1f} s CPU (until stopped)")
+
+
+def test_a_newly_registered_method_gets_its_controls_with_no_demo_change(pool):
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install '.[demo]'")
+    from vlm_accel import registry
+    from vlm_accel.demo.app import build_app
+    from vlm_accel.methods.base import Method
+
+    class NewMethod(Method):
+        config_cls = NewMethodConfig
+
+    registry.register_method("demo_test_new", NewMethod)
+    try:
+        app = build_app(pool)
+    finally:
+        registry._REGISTRY.pop("demo_test_new")
+    ids = {block.elem_id for block in app.blocks.values() if getattr(block, "elem_id", None)}
+    for name in ("flag", "steps", "ratio", "name", "mode", "window", "sizes", "limit", "extra"):
+        assert f"param-a-demo_test_new-{name}" in ids and f"param-b-demo_test_new-{name}" in ids
+    assert "param-a-demo_test_new-model" not in ids  # no control for a model object (a note instead)
+    radio = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "method-a")
+    assert "demo_test_new" in [choice[1] for choice in radio.choices]
