@@ -236,8 +236,8 @@ def build_app(pool: SlotPool, methods: list[str] | None = None, repeats: int = 3
                 image = open_image(path)
                 configs = _configs(a, b if b != NONE else "", panels, list(values))
                 result = run_request(pool, image, text, configs, int(new_tokens or 0), repeats)
-            except (ValueError, TypeError) as err:
-                return [count, _error(str(err), count), *empty]
+            except (ValueError, TypeError, NotImplementedError) as err:  # NotImplementedError: e.g. a composition
+                return [count, _error(str(err), count), *empty]  # a method refuses at forward time
             except Exception as err:  # keep serving; the pool has already unpatched the slot
                 logger.exception("demo request failed")
                 return [count, _error(f"internal error: {type(err).__name__}: {err}", count), *empty]

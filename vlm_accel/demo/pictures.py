@@ -47,7 +47,7 @@ def token_overlay(result: DemoResult) -> Image.Image | None:
     grid, patched = result.grid, result.patched
     exited = _sgl_exit(patched)
     if exited is not None:
-        return _titled([_dim(result.seen_image)], [exited], "early exit")
+        return _titled([_dim(result.seen_image)], [exited], result.label)
     if not patched.stages or grid is None:
         return None
     panels, titles = [], []
@@ -81,18 +81,29 @@ def _titled(panels: list[Image.Image], titles: list[str], heading: str) -> Image
 
 
 def attention_overlay(result: DemoResult) -> Image.Image | None:
-    """The last prompt token's attention over image patches, unpatched vs patched, on one colour scale."""
+    """The last prompt token's attention over image patches, unpatched vs patched on one (square-root) colour
+    scale, and the change (patched − unpatched) on a diverging scale."""
+    from matplotlib.colors import PowerNorm, TwoSlopeNorm
+
     base, patched, grid = result.base.attention, result.patched.attention, result.grid
     if base is None or patched is None or grid is None:
         return None
     image = np.asarray(result.seen_image.convert("RGB").resize((PANEL, PANEL)))
     vmax = float(max(base.max(), patched.max())) or 1.0
-    fig, axes = plt.subplots(1, 2, figsize=(6.6, 3.8))
+    change = patched - base
+    span = float(np.abs(change).max()) or 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.8))
+    extent = (0, PANEL, PANEL, 0)
     for ax, values, name in ((axes[0], base, "unpatched"), (axes[1], patched, result.label)):
         ax.imshow(image)
-        ax.imshow(values.reshape(grid, grid), cmap="inferno", alpha=0.6, vmin=0, vmax=vmax,
-                  extent=(0, PANEL, PANEL, 0), interpolation="nearest")  # fmt: skip
-        ax.set_title(f"{name}: {values.sum():.0%} of attention on the image", fontsize=9)
+        ax.imshow(values.reshape(grid, grid), cmap="inferno", alpha=0.65, norm=PowerNorm(0.5, 0, vmax), extent=extent,
+                  interpolation="nearest")  # fmt: skip
+        ax.set_title(f"{name}: {values.sum():.0%} on the image", fontsize=9)
+    axes[2].imshow(image)
+    axes[2].imshow(change.reshape(grid, grid), cmap="RdBu_r", alpha=0.75, extent=extent, interpolation="nearest",
+                   norm=TwoSlopeNorm(0.0, -span, span))  # fmt: skip
+    axes[2].set_title("change (red: more, blue: less)", fontsize=9)
+    for ax in axes:
         ax.axis("off")
     layers = result.patched.attention_layers
     fig.suptitle(f"attention of the last prompt token to image patches (layers {_span(layers)}, head mean)",
@@ -112,8 +123,9 @@ def overlay(result: DemoResult) -> Image.Image:
     """The main picture: kept tokens and/or attention before/after, stacked; the seen image if neither applies."""
     parts = [p for p in (token_overlay(result), attention_overlay(result)) if p is not None]
     if not parts:
-        return _titled([result.seen_image.resize((PANEL, PANEL))],
-                       [f"{result.label}: no tokens dropped, no attention edited"], "")  # fmt: skip
+        exits = any(k.startswith("last_exit") for stats in result.patched.method_stats.values() for k in stats)
+        title = f"all {result.n_visual} visual tokens kept in every layer" + (" (no early exit)" if exits else "")
+        return _titled([result.seen_image.resize((PANEL, PANEL))], [title], result.label)
     if len(parts) == 1:
         return parts[0]
     width = max(p.width for p in parts)
