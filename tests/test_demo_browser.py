@@ -24,6 +24,9 @@ from vlm_accel.demo.runner import SlotPool, run_request  # noqa: E402
 from vlm_accel.errors import MethodNotApplicable  # noqa: E402
 from vlm_accel.registry import list_methods  # noqa: E402
 
+# gradio's queue calls pandas options that pandas 3 deprecates: not ours, and noisy
+pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting':Warning"),
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:Warning")]  # fmt: skip
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 SEED = 3  # the scene the tests draw (question family from the seed)
 TIMEOUT_MS = 120_000
