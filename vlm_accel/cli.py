@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "vlm_accel.eval.bench",
     "vlm_accel.eval.lm_eval_cli",
     "vlm_accel.train.cli",
+    "vlm_accel.demo.cli",
 )
 
 
