@@ -48,7 +48,7 @@ from vlm_accel.runtime.masks import LayerMasks
 from vlm_accel.runtime.sequence import full_length_output, gather_layer_inputs, push_stage
 from vlm_accel.runtime.state import CACHE_ATTRIBUTE, ForwardState, PlanRecord, StreamState
 from vlm_accel.runtime.stats import PatchStats
-from vlm_accel.runtime.vision import PIXEL_INPUT_NAMES, VISION_PASS_ATTRIBUTE, VisionHooks
+from vlm_accel.runtime.vision import PIXEL_INPUT_NAMES, VisionHooks
 
 _VISUAL_INPUTS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
 
@@ -216,11 +216,9 @@ class Runtime:
                 pixel_inputs={k: kwargs[k] for k in PIXEL_INPUT_NAMES if kwargs.get(k) is not None},
                 stream=self.stream,
             )
-            encoded = kwargs.get("mm_encoder_outputs") or {}
-            for output in encoded.values() if isinstance(encoded, dict) else ():
-                vision_pass = getattr(output, VISION_PASS_ATTRIBUTE, None)
-                if vision_pass is not None and record is None:
-                    self.state.adopt_vision_pass(vision_pass)
+            vision_pass = self.vision.take_pass(kwargs.get("mm_encoder_outputs")) if record is None else None
+            if vision_pass is not None:
+                self.state.adopt_vision_pass(vision_pass)
             if record is None and self.stream is not None:
                 self.stream.calls += 1
             inputs = kwargs if input_ids is None or "input_ids" in kwargs else {**kwargs, "input_ids": input_ids}

@@ -102,6 +102,9 @@ class VisionHooks:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.wrapped: list[str] = []  # encoder functions wrapped on the base model (instance attributes)
         self.current_pass: VisionPass | None = None
+        # generate() runs its encoder pass right before its own prefill; when the encoder output is rebuilt on the
+        # way (accelerate's device alignment copies containers), the prefill takes the pass from here instead
+        self.last_pass: VisionPass | None = None
 
     def install(self) -> None:
         methods = self.runtime.methods
@@ -143,7 +146,7 @@ class VisionHooks:
         for name in self.wrapped:
             vars(base).pop(name, None)
         self.wrapped.clear()
-        self.current_pass = None
+        self.current_pass = self.last_pass = None
 
     def _encoder_wrapper(self, encode):
         @functools.wraps(encode)
@@ -162,13 +165,24 @@ class VisionHooks:
                 output = encode(*args, **kwargs)
             finally:
                 vision_pass, self.current_pass = self.current_pass, None
+            self.last_pass = vision_pass
             try:
                 setattr(output, VISION_PASS_ATTRIBUTE, vision_pass)
-            except AttributeError:  # an output type that takes no attributes: the prefill cannot adopt the pass
+            except AttributeError:  # an output type that takes no attributes: the prefill uses last_pass
                 pass
             return output
 
         return encode_with_state
+
+    def take_pass(self, encoder_outputs: Any) -> VisionPass | None:
+        """The encoder pass whose outputs a prefill received (``mm_encoder_outputs``), if the hooks recorded one."""
+        if not encoder_outputs:
+            return None
+        found = None
+        for output in encoder_outputs.values() if isinstance(encoder_outputs, dict) else ():
+            found = getattr(output, VISION_PASS_ATTRIBUTE, None) or found
+        found, self.last_pass = found or self.last_pass, None
+        return found
 
     def _target(self) -> Any:
         """Where hooks record: the open forward's state, or generate's encoder pass."""
