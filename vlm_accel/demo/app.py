@@ -236,7 +236,7 @@ def build_app(pool: SlotPool, methods: list[str] | None = None, repeats: int = 3
                 image = open_image(path)
                 configs = _configs(a, b if b != NONE else "", panels, list(values))
                 result = run_request(pool, image, text, configs, int(new_tokens or 0), repeats)
-            except (ValueError, TypeError, NotImplementedError) as err:  # NotImplementedError: e.g. a composition
+            except (ValueError, TypeError, NotImplementedError) as err:  # NotImplementedError: a method that is not implemented
                 return [count, _error(str(err), count), *empty]  # a method refuses at forward time
             except Exception as err:  # keep serving; the pool has already unpatched the slot
                 logger.exception("demo request failed")
