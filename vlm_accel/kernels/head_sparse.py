@@ -93,7 +93,10 @@ def head_sparse_decode_attention_torch(
     groups = head_mask.view(b, hkv, g).any(dim=-1)
     if allowed is not None:
         groups = groups & allowed.any(dim=-1, keepdim=True)  # a row with no allowed key gives 0
-    patterns, inverse = torch.unique(groups, dim=0, return_inverse=True)
+    if b == 1:
+        patterns, inverse = groups, None
+    else:
+        patterns, inverse = torch.unique(groups, dim=0, return_inverse=True)
     for p, pattern in enumerate(patterns.tolist()):
         runs = _active_runs(pattern)
         if not runs:
