@@ -54,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--steps", type=int, default=300)
     m.add_argument("--batch-size", type=int, default=8, help="images per step (several QAs each)")
     m.add_argument("--lr", type=float, default=5e-3)
+    m.add_argument("--warmup", type=int, default=20, help="linear warm-up steps (then cosine decay to 10 %%)")
     m.add_argument("--balance-coef", type=float, default=0.01, help="β of the load-balance loss")
     m.add_argument("--seed", type=int, default=0, help="training-batch and init seed")
     m.add_argument("--tune-lm", action="store_true",
@@ -149,7 +150,7 @@ def main_moh(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = MoHTrainConfig(active_heads=args.active_heads, shared_heads=args.shared_heads,
                             per_kv_group=args.per_kv_group, steps=args.steps, batch_size=args.batch_size,
-                            lr=args.lr, balance_coef=args.balance_coef, seed=args.seed, tune_lm=args.tune_lm,
+                            lr=args.lr, warmup=args.warmup, balance_coef=args.balance_coef, seed=args.seed, tune_lm=args.tune_lm,
                             lm_lr=args.lm_lr)  # fmt: skip
     model, _ = load_any_model(args.model, args.device)
     router, report, lm_state = train_router(model, config, progress=True)
