@@ -101,23 +101,21 @@ def head_sparse_decode_attention_torch(
         runs = _active_runs(pattern)
         if not runs:
             continue
-        rows = None if len(patterns) == 1 else (inverse == p).nonzero().flatten()
+        rows: slice | torch.Tensor = slice(None)
+        if len(patterns) > 1:
+            rows = (inverse == p).nonzero().flatten()
+            first, count = int(rows[0]), rows.numel()
+            if int(rows[-1]) - first + 1 == count:  # consecutive rows (e.g. one row): a view, no gather
+                rows = slice(first, first + count)
         for start, stop in runs:
             heads = slice(start * g, stop * g)
-            if rows is None:  # views: no copy of K/V
-                q, k, v = query[:, heads], key[:, start:stop], value[:, start:stop]
-                a = allowed
-            else:  # gathers only the active groups of these rows
-                q, k, v = query[rows, heads], key[rows, start:stop], value[rows, start:stop]
-                a = None if allowed is None else allowed[rows]
+            # a slice of rows is a view of the cache; an index tensor gathers only these rows' active groups
+            q, k, v = query[rows, heads], key[rows, start:stop], value[rows, start:stop]
+            a = None if allowed is None else allowed[rows]
             n = q.shape[0]
             attn_mask = None if a is None else a[:, None, None, :]
             o = F.scaled_dot_product_attention(q.reshape(n, stop - start, g, d), k, v, attn_mask=attn_mask, scale=scaling)
-            o = o.reshape(n, (stop - start) * g, 1, d)
-            if rows is None:
-                out[:, heads] = o
-            else:
-                out[rows, heads] = o
+            out[rows, heads] = o.reshape(n, (stop - start) * g, 1, d)
     if g > 1:  # an inactive head inside an active group
         out = torch.where(head_mask.view(b, hq, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out
