@@ -134,7 +134,7 @@ def train_router(model: nn.Module, config: MoHTrainConfig | None = None, progres
             if progress and (step % 20 == 0 or step == config.steps - 1):
                 recent = history[-20:]
                 print(f"step {step}: task {sum(h['task'] for h in recent) / len(recent):.4f} balance "
-                      f"{float(balance):.3f} ({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
+                      f"{balance.item():.3f} ({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
     finally:
         router.balance_losses.clear()
         router.eval()
