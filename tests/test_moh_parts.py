@@ -223,3 +223,16 @@ def test_continue_tuning_the_language_model_writes_its_own_file(tmp_path):
     saved = load_file(str(tmp_path / "r.lm.safetensors"))
     assert set(saved) == set(before)
     assert any(not torch.equal(saved[k], before[k]) for k in before)
+
+
+def test_shipped_testbed_router_fits_testbed_l():
+    from vlm_accel.methods.moh import shipped_router
+    from vlm_accel.testbed import load_model
+
+    m, _ = load_model("testbed-l")
+    path = shipped_router(0.75)
+    assert path.is_file(), "the testbed-l router at 75 % is shipped in the package"
+    with torch.no_grad(), patch_model(m, MoHConfig(router="learned", active_heads=0.75, router_file=str(path))) as p:
+        logits = m(input_ids=torch.tensor([[2, 5, 6, 7]])).logits
+        stats = p.stats.methods["moh"]
+    assert torch.isfinite(logits).all() and stats["active_head_fraction"] == 0.75
