@@ -22,11 +22,12 @@ from vlm_accel.methods.moh import MoHConfig, shipped_router
 from vlm_accel.methods.random_heads import RandomHeadsConfig
 
 
-def arms(model: str) -> dict[str, object]:
+def arms(model: str, router_dir: Path | None = None) -> dict[str, object]:
     out: dict[str, object] = {"all heads (unpatched)": None}
     for share in (0.75, 0.5):
         out[f"qnorm {share:.0%}"] = MoHConfig(active_heads=share)
         path = shipped_router(share, model)
+        path = path if router_dir is None else router_dir / path.name
         out[f"learned {share:.0%}"] = (
             MoHConfig(router="learned", active_heads=share, router_file=str(path)) if path.is_file() else "missing"
         )
@@ -45,14 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="*", help="substrings of arm names to run (default: all)")
     p.add_argument("--json", type=Path)
     p.add_argument("--merge", action="store_true", help="add to the rows already in --json")
+    p.add_argument("--router-dir", type=Path, help="take the learned routers from here instead of the package")
+    p.add_argument("--lm-weights", type=Path,
+                   help="load a continue-tuned language model (train moh --tune-lm: *.lm.safetensors) first")  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model, processor = load_model(args.model)
+    if args.lm_weights:
+        from safetensors.torch import load_file
+
+        model.model.language_model.load_state_dict(load_file(str(args.lm_weights)))
     data = make_dataset(args.n, seed=args.seed, split="test")
     results = {}
     if args.merge and args.json and args.json.is_file():
         results = json.loads(args.json.read_text())["arms"]
-    for name, config in arms(args.model).items():
+    for name, config in arms(args.model, args.router_dir).items():
         if args.arms and not any(a in name for a in args.arms):
             continue
         if config == "missing":
