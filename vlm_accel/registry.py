@@ -22,6 +22,8 @@ _BUILTIN_METHODS: dict[str, str] = {
     "pai": "vlm_accel.methods.pai:PAI",
     "paint": "vlm_accel.methods.paint:PAINT",
     "gift": "vlm_accel.methods.gift:GIFT",
+    "moh": "vlm_accel.methods.moh:MoH",
+    "random_heads": "vlm_accel.methods.random_heads:RandomHeads",
 }
 
 _REGISTRY: dict[str, type[Method]] = {}

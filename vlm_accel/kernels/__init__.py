@@ -17,7 +17,11 @@ lazily.
 from ._dispatch import ENV_FLAG, interpreter_active, triton_available
 from .biased_attention import biased_attention, biased_attention_reference
 from .compact import compact_kv, compact_kv_reference
-from .head_sparse import head_sparse_decode_attention, head_sparse_decode_attention_reference
+from .head_sparse import (
+    head_sparse_decode_attention,
+    head_sparse_decode_attention_reference,
+    head_sparse_decode_attention_torch,
+)
 from .row_probs import REDUCTIONS, attention_row_probs, attention_row_probs_reference
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "compact_kv_reference",
     "head_sparse_decode_attention",
     "head_sparse_decode_attention_reference",
+    "head_sparse_decode_attention_torch",
     "interpreter_active",
     "triton_available",
 ]

@@ -84,9 +84,9 @@ class GateContext:
 @dataclass
 class HeadGates:
     """Weights ``[B, q, Hq]`` (float, or bool for a hard mask) multiplying each head's attention output before
-    ``o_proj``. ``sparse_decode``: at a decode step with a bool mask, let the runtime route to the head-sparse op
-    (:func:`vlm_accel.kernels.head_sparse_decode_attention`) so that KV groups with no active head are not read —
-    the same numbers as gating the dense output."""
+    ``o_proj``. ``sparse_decode``: at a decode step, let the runtime route to the head-sparse op
+    (:func:`vlm_accel.kernels.head_sparse_decode_attention`; float weights: on their non-zero pattern, then scaled)
+    so that KV groups with no active head are not read — the same numbers as gating the dense output."""
 
     weights: torch.Tensor
     sparse_decode: bool = False

@@ -143,21 +143,26 @@ class AttentionDispatch:
             elif combined.weights.dtype == torch.bool and gates.weights.dtype == torch.bool:
                 combined = HeadGates(combined.weights & gates.weights, combined.sparse_decode and gates.sparse_decode)
             else:
-                combined = HeadGates(combined.weights.float() * gates.weights.float(), False)
+                combined = HeadGates(
+                    combined.weights.float() * gates.weights.float(), combined.sparse_decode and gates.sparse_decode
+                )
         return combined
 
     @staticmethod
     def _sparse_decode_ok(gates: HeadGates, query: torch.Tensor, edits: list) -> bool:
-        return gates.sparse_decode and gates.weights.dtype == torch.bool and query.shape[2] == 1 and not edits
+        return gates.sparse_decode and query.shape[2] == 1 and not edits
 
     @staticmethod
     def _head_sparse_decode(module, query, key, value, attention_mask, gates: HeadGates, kwargs) -> torch.Tensor:
-        """One decode row per sample on the head-sparse op: inactive KV groups are never read."""
+        """One decode row per sample on the head-sparse op: inactive KV groups are never read. Weighted (float)
+        gates run on the op with their non-zero pattern as the mask, then scale the heads' outputs."""
         batch = query.shape[0]
         rows = torch.zeros(batch, 1, dtype=torch.long, device=query.device)
         allowed = allowed_keys(attention_mask, rows, 1, key.shape[2])
         allowed = None if allowed is None else allowed[:, 0]
-        out = head_sparse_decode_attention(
-            query, key, value, gates.weights[:, 0], allowed, float(_scaling(module, query, kwargs))
-        )
+        weights = gates.weights[:, 0]
+        mask = weights if weights.dtype == torch.bool else weights != 0
+        out = head_sparse_decode_attention(query, key, value, mask, allowed, float(_scaling(module, query, kwargs)))
+        if weights.dtype != torch.bool:
+            out = out * weights.to(out.dtype)[:, :, None, None]
         return out.transpose(1, 2).contiguous()

@@ -2,6 +2,8 @@
 
 ``vlm-accel train dyvte --model testbed-l --out routers.safetensors`` labels a dataset with the frozen model
 (DyVTE's exit-simulation rule) and trains one router per layer (:mod:`vlm_accel.train.dyvte`).
+``vlm-accel train moh --model testbed-l --active-heads 0.75 --out router.safetensors`` trains MoH's learned head
+router on the frozen model (:mod:`vlm_accel.train.moh`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train the trained parts of a method (DyVTE routers)")
+    parser = subparsers.add_parser("train", help="train the trained parts of a method (DyVTE, MoH routers)")
     methods = parser.add_subparsers(dest="train_method", metavar="METHOD", required=True)
     d = methods.add_parser(
         "dyvte",
@@ -38,6 +40,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--device", default="cpu")
     d.add_argument("--report", type=Path, help="also write the training report as JSON here")
     d.set_defaults(func=main_dyvte)
+    m = methods.add_parser(
+        "moh",
+        help="train MoH's learned head router on a frozen testbed model",
+        description="Train the paper's head router (shared/routed gates, two-stage balance, load-balance loss "
+        "β=0.01) on the frozen model with the testbed's packed training batches (vlm_accel.train.moh).",
+    )
+    m.add_argument("--model", default="testbed-l", help="testbed-s, testbed-l, or a testbed training directory")
+    m.add_argument("--out", type=Path, required=True, help="router file to write (.safetensors)")
+    m.add_argument("--active-heads", type=_share, default=0.75, help="fraction (0.75) or count (3) of active heads")
+    m.add_argument("--shared-heads", type=_share, default=None, help="fraction or count of always-on heads")
+    m.add_argument("--per-kv-group", action="store_true", help="route whole KV groups (GQA)")
+    m.add_argument("--steps", type=int, default=300)
+    m.add_argument("--batch-size", type=int, default=8, help="images per step (several QAs each)")
+    m.add_argument("--lr", type=float, default=5e-3)
+    m.add_argument("--warmup", type=int, default=20, help="linear warm-up steps (then cosine decay to 10 %%)")
+    m.add_argument("--balance-coef", type=float, default=0.01, help="β of the load-balance loss")
+    m.add_argument("--seed", type=int, default=0, help="training-batch and init seed")
+    m.add_argument("--tune-lm", action="store_true",
+                   help="also continue-tune the language model (saved as OUT-stem.lm.safetensors)")  # fmt: skip
+    m.add_argument("--lm-lr", type=float, default=1e-4)
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--report", type=Path, help="also write the training report as JSON here")
+    m.set_defaults(func=main_moh)
+
+
+def _share(text: str) -> float | int:
+    """``0.75`` → a fraction, ``3`` → a count."""
+    return float(text) if "." in text else int(text)
 
 
 def load_any_model(name: str, device: str):
@@ -103,6 +134,27 @@ def main_dyvte(args: argparse.Namespace) -> int:
     rows = load_rows(args.data, args.n, args.seed)
     routers, report = train_routers(model, processor, rows, config, progress=True)
     save_routers(routers, model, args.out, report)
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main_moh(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlm_accel.train.moh import MoHTrainConfig, save_router, train_router
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = MoHTrainConfig(active_heads=args.active_heads, shared_heads=args.shared_heads,
+                            per_kv_group=args.per_kv_group, steps=args.steps, batch_size=args.batch_size,
+                            lr=args.lr, warmup=args.warmup, balance_coef=args.balance_coef, seed=args.seed, tune_lm=args.tune_lm,
+                            lm_lr=args.lm_lr)  # fmt: skip
+    model, _ = load_any_model(args.model, args.device)
+    router, report, lm_state = train_router(model, config, progress=True)
+    save_router(router, model, args.out, report, lm_state)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
     if args.report:
         args.report.write_text(json.dumps(report, indent=2))
