@@ -132,13 +132,18 @@ def test_base_model_instead_of_top_level_raises(model):
         patch_model(model.model, "fastv")
 
 
-def test_double_patch_raises_and_list_composes_only_one_selector(model):
+def test_double_patch_raises_and_list_refuses_only_ill_defined_compositions(model):
     patch_model(model, "fastv")
     with pytest.raises(ValueError, match="already patched"):
         patch_model(model, "random")
     unpatch_model(model)
-    with pytest.raises(ValueError, match="at most one token-selection method"):
-        patch_model(model, ["fastv", "random"], keep_ratio=0.5)
+    with pytest.raises(ValueError, match="pool averages each image's full visual-token grid"):
+        patch_model(model, ["fastv", "pool"], keep_ratio=0.5)
+    with pytest.raises(ValueError, match="only once"):
+        patch_model(model, ["fastv", FastVConfig(keep_ratio=0.25)], keep_ratio=0.5)
+    assert get_patch(model) is None
+    with patch_model(model, ["fastv", "random"], keep_ratio=0.5) as patch:  # successive selection stages
+        assert [m.name for m in patch.methods] == ["fastv", "random"]
     with pytest.raises(TypeError, match="match none of the methods"):
         patch_model(model, ["fastv"], alpha=1.0)
     assert get_patch(model) is None
