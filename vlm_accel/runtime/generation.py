@@ -16,6 +16,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from vlm_accel.methods.base import Method
+from vlm_accel.runtime.checks import resolved_generation_config
 
 UNSUPPORTED_CACHE_MODES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
 
@@ -32,20 +33,21 @@ def check_generate_mode(model: nn.Module, kwargs: dict[str, Any], changes_length
     """Refuse, with one clear line, the generation modes whose cache bookkeeping cannot follow per-layer lengths."""
     if not changes_length:
         return
-    config = kwargs.get("generation_config") or model.generation_config
-    num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    config = resolved_generation_config(model, kwargs)  # a mode set in any place generate() reads it from
+    num_beams = getattr(config, "num_beams", 1) or 1
     if num_beams > 1:
         raise ValueError(
             "beam search (num_beams > 1) is not supported with token-pruning methods: beam reordering "
             "does not follow per-layer kept tokens; use greedy or sampling"
         )
-    cache_mode = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    cache_mode = getattr(config, "cache_implementation", None)
     if cache_mode in UNSUPPORTED_CACHE_MODES:
         raise ValueError(
             f"cache_implementation={cache_mode!r} is not supported with token-pruning methods "
             "(layers hold different numbers of tokens); use the default dynamic cache"
         )
-    if kwargs.get("assistant_model") or kwargs.get("prompt_lookup_num_tokens"):
+    assisted = getattr(config, "prompt_lookup_num_tokens", None) or getattr(config, "assistant_early_exit", None)
+    if kwargs.get("assistant_model") is not None or assisted:
         raise ValueError("assisted / speculative decoding is not supported with token-pruning methods")
     cache = kwargs.get("past_key_values")
     if cache is not None and not isinstance(cache, DynamicCache):
