@@ -21,7 +21,7 @@ from torch import nn
 
 from vlm_accel.kernels import head_sparse_decode_attention
 from vlm_accel.methods.base import GateContext, HeadGates, Method, ScoreRequest
-from vlm_accel.runtime.checks import PACKED, PACKED_ERROR
+from vlm_accel.runtime.checks import HAS_VISUAL, PACKED, PACKED_ERROR, RUNTIME_FLAGS
 from vlm_accel.runtime.scores import allowed_keys, edited_rows_attention, row_attention_probs
 from vlm_accel.runtime.state import ForwardState, ScoreTap
 
@@ -42,8 +42,12 @@ def replay_view(state: ForwardState, stage_count: int) -> ForwardState:
 
 
 def _any_visual(state: ForwardState) -> bool:
-    visual = state.continuing.visual if state.continuing is not None else state.layout.visual
-    return bool(visual.any())
+    """Whether the generation's prompt had visual tokens (read at prefill: no tensor read in a decode step)."""
+    flags = state.generation_state(RUNTIME_FLAGS)
+    if HAS_VISUAL not in flags:  # a state the engine did not start (e.g. built by hand)
+        visual = state.continuing.visual if state.continuing is not None else state.layout.visual
+        flags[HAS_VISUAL] = bool(visual.any())
+    return flags[HAS_VISUAL]
 
 
 def resolve_rows(rows: str | torch.Tensor, batch: int, q_len: int, device: torch.device) -> torch.Tensor:

@@ -85,6 +85,9 @@ def resolved_generation_config(model: nn.Module, kwargs: dict[str, Any]) -> Any:
 # keys of ``ForwardState.extras`` the runtime sets at forward start
 CUSTOM_MASK = "runtime.custom_mask"
 PACKED = "runtime.packed"
+# the runtime's own per-generation state (``ForwardState.generation_state(RUNTIME_FLAGS)``) and its keys
+RUNTIME_FLAGS = "runtime"
+HAS_VISUAL = "has_visual"
 
 
 def is_identity(plan: Any, state: Any) -> bool:

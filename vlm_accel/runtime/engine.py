@@ -39,7 +39,9 @@ from vlm_accel.runtime.backend import check_backend, route_attention, unroute_at
 from vlm_accel.runtime.checks import (
     CUSTOM_MASK,
     CUSTOM_MASK_ERROR,
+    HAS_VISUAL,
     PACKED,
+    RUNTIME_FLAGS,
     check_drop_allowed,
     check_tensor_inputs,
     is_identity,
@@ -197,11 +199,13 @@ class Runtime:
                 visual_ids = self._visual_ids if _has_visual_inputs(kwargs) else ()
                 layout = VisualLayout.from_input_ids(input_ids, visual_ids, mask_2d)
                 batch, window = input_ids.shape
+                new_visual = bool(visual_ids) and layout.any_visual  # no tensor read without visual inputs (compile)
             else:
                 embeddings = self.adapter.visual_token_embeddings(self.model)
                 layout = VisualLayout.from_embeddings(inputs_embeds, embeddings, mask_2d)
                 batch, window = inputs_embeds.shape[:2]
-            if record is not None and layout.any_visual:
+                new_visual = record is not None and layout.any_visual
+            if record is not None and new_visual:
                 if record.stages:
                     raise ValueError(
                         "new visual tokens cannot be appended to a cache pruned by vlm_accel; start a new cache"
@@ -219,6 +223,9 @@ class Runtime:
                 stream=self.stream,
             )
             self.state.extras[CUSTOM_MASK] = custom_mask
+            flags = self.state.generation_state(RUNTIME_FLAGS)
+            if record is None:  # read once per generation, at prefill (decode steps may be compiled)
+                flags[HAS_VISUAL] = layout.any_visual
             self.state.extras[PACKED] = is_packed(kwargs, bool(getattr(self.text_config, "use_cache", True)))
             if record is None and self.stream is not None:
                 self.stream.calls += 1
