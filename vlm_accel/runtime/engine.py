@@ -36,6 +36,7 @@ from vlm_accel.patches.base import FamilyAdapter
 from vlm_accel.runtime.attend import REPLAY_KWARG, AttentionDispatch
 from vlm_accel.runtime.attention import RUNTIME_ATTRIBUTE, register_attention_functions
 from vlm_accel.runtime.backend import check_backend, route_attention, unroute_attention
+from vlm_accel.runtime.beams import follow_beam_reorder
 from vlm_accel.runtime.checks import (
     CUSTOM_MASK,
     CUSTOM_MASK_ERROR,
@@ -294,6 +295,7 @@ class Runtime:
                 # later calls on this cache (decode steps) learn from it where the prompt's visual tokens
                 # were, what each layer kept (the live ``stages`` list) and each method's generation state
                 setattr(cache, CACHE_ATTRIBUTE, state.new_record())
+            follow_beam_reorder(cache)  # beam search permutes the cache's rows: the record's rows follow
             result = self._prefill_layer_inputs(index, hidden, args, kwargs, state)
             if result is not None:
                 new_args, new_kwargs = result

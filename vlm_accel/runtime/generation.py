@@ -1,5 +1,6 @@
 """``generate()`` under a patch: refusals of the modes a length-changing patch cannot follow, and the fixed nesting
-of methods' ``generate`` wrappers.
+of methods' ``generate`` wrappers. Beam search is supported (the plan record follows the cache's beam reordering,
+:mod:`vlm_accel.runtime.beams`).
 
 Wrappers nest by ``Method.generate_rank`` (then name), never by the user's list, so ``["sgl", "pai"]`` and
 ``["pai", "sgl"]`` are the same patch: SGL (rank 10) is outermost and runs its guide on the caller's arguments
@@ -34,12 +35,6 @@ def check_generate_mode(model: nn.Module, kwargs: dict[str, Any], changes_length
     if not changes_length:
         return
     config = resolved_generation_config(model, kwargs)  # a mode set in any place generate() reads it from
-    num_beams = getattr(config, "num_beams", 1) or 1
-    if num_beams > 1:
-        raise ValueError(
-            "beam search (num_beams > 1) is not supported with token-pruning methods: beam reordering "
-            "does not follow per-layer kept tokens; use greedy or sampling"
-        )
     cache_mode = getattr(config, "cache_implementation", None)
     if cache_mode in UNSUPPORTED_CACHE_MODES:
         raise ValueError(
