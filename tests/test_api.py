@@ -160,7 +160,7 @@ def test_image_features_that_do_not_match_image_tokens_raise(model):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"prompt_lookup_num_tokens": 2}, "assisted / speculative decoding"),
+        ({"cache_implementation": "offloaded_static"}, "cache_implementation='offloaded_static'"),
         ({"cache_implementation": "static"}, "cache_implementation='static'"),
     ],
 )

@@ -112,25 +112,41 @@ def test_reweighting_without_an_image_is_bitwise_unchanged(method):
         assert torch.equal(_logits(model, text), reference)
 
 
-@pytest.mark.parametrize(
-    "setting",
-    [
-        {"generation_config": GenerationConfig(max_new_tokens=3, prompt_lookup_num_tokens=2)},
-        {"generation_config": GenerationConfig(max_new_tokens=3, num_beams=2)},
-        {"generation_config": GenerationConfig(max_new_tokens=3, cache_implementation="static")},
-        {"model_config": {"prompt_lookup_num_tokens": 2}},
-        {"model_config": {"num_beams": 2}},
-    ],
-    ids=["lookup-config", "beams-config", "static-config", "lookup-model", "beams-model"],
-)
-def test_generation_modes_are_refused_wherever_they_are_set(setting):
+@pytest.mark.parametrize("where", ["generation_config", "model.generation_config", "keyword"])
+def test_static_cache_is_refused_wherever_it_is_set(where):
     model, inputs = _model_and_inputs("llava", rows=1)
-    for key, value in setting.get("model_config", {}).items():
-        setattr(model.generation_config, key, value)
-    kwargs = {"generation_config": setting["generation_config"]} if "generation_config" in setting else {}
+    kwargs = {}
+    if where == "generation_config":
+        kwargs["generation_config"] = GenerationConfig(max_new_tokens=3, cache_implementation="static")
+    elif where == "model.generation_config":
+        model.generation_config.cache_implementation = "static"
+    else:
+        kwargs["cache_implementation"] = "static"
     with patch_model(model, "fastv", keep_ratio=0.5):
-        with pytest.raises(ValueError, match="not supported with token-pruning methods"):
+        with pytest.raises(ValueError, match="cache_implementation='static' is not supported with token-pruning"):
             model.generate(**inputs, max_new_tokens=3, do_sample=False, **kwargs)
+
+
+def _greedy(model, inputs: dict, **kwargs) -> torch.Tensor:
+    return model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_prompt_lookup_decoding_equals_greedy_under_pruning(family):
+    """Prompt-lookup decoding is exact: a pruned model verifying candidates (several tokens per decode call, rejected
+    ones cropped from every layer's end) gives its own greedy output, however the mode is set. An assistant model
+    is refused."""
+    model, inputs = _model_and_inputs(family, rows=1)
+    with patch_model(model, "fastv", keep_ratio=0.25):
+        greedy = _greedy(model, inputs)
+        assert torch.equal(_greedy(model, inputs, prompt_lookup_num_tokens=3), greedy)
+        config = GenerationConfig(max_new_tokens=10, min_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3)
+        assert torch.equal(model.generate(**inputs, generation_config=config), greedy)
+        model.generation_config.prompt_lookup_num_tokens = 3
+        assert torch.equal(_greedy(model, inputs), greedy)
+        model.generation_config.prompt_lookup_num_tokens = None
+        with pytest.raises(ValueError, match="assisted decoding with an assistant model is not supported"):
+            _greedy(model, inputs, assistant_model=model)
 
 
 def test_config_json_that_is_not_an_object_is_a_type_error():
