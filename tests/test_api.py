@@ -165,7 +165,7 @@ def test_image_features_that_do_not_match_image_tokens_raise(model):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_beams": 2}, "beam search"),
+        ({"cache_implementation": "offloaded_static"}, "cache_implementation='offloaded_static'"),
         ({"cache_implementation": "static"}, "cache_implementation='static'"),
     ],
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -38,6 +39,8 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a method config must be a mapping (a JSON object), got {type(data).__name__}")
         data = dict(data)
         name = data.pop("method", cls.method_name)
         if cls is MethodConfig:

@@ -93,9 +93,15 @@ class DyVTERouters(nn.Module):
             raise FileNotFoundError(
                 f"dyvte: no router file at {path}; train one with `vlm-accel train dyvte`"
             )
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        except Exception as exc:  # SafetensorError (corrupt, empty, a pickle), OSError: name the file and method
+            raise ValueError(
+                f"dyvte: cannot read router file {path} as safetensors ({type(exc).__name__}: {exc}); "
+                "train one with `vlm-accel train dyvte`"
+            ) from exc
         if meta.get("format") != FORMAT:
             raise ValueError(
                 f"dyvte: {path} is not a DyVTE router file (metadata format {meta.get('format')!r})"

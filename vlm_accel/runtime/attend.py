@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from vlm_accel.kernels import head_sparse_decode_attention
 from vlm_accel.methods.base import GateContext, HeadGates, Method, ScoreRequest
+from vlm_accel.runtime.checks import HAS_VISUAL, PACKED, PACKED_ERROR, RUNTIME_FLAGS
 from vlm_accel.runtime.scores import allowed_keys, edited_rows_attention, row_attention_probs
 from vlm_accel.runtime.state import ForwardState, ScoreTap
 
@@ -27,6 +29,25 @@ if TYPE_CHECKING:
     from vlm_accel.runtime.engine import Runtime
 
 ATTENTION_INPUT = "_vlm_accel_attention_input"
+#: the layer kwarg that carries ``(forward state, stage count)`` into a gradient-checkpointing recomputation
+REPLAY_KWARG = "_vlm_accel_replay"
+
+
+def replay_view(state: ForwardState, stage_count: int) -> ForwardState:
+    """``state`` as the attention of a layer saw it in the forward (its stages up to that layer), for the
+    recomputation of a checkpointed layer: the same edits and gates, so the same tensors are saved."""
+    view = copy.copy(state)
+    view.stages = state.stages[:stage_count]
+    return view
+
+
+def _any_visual(state: ForwardState) -> bool:
+    """Whether the generation's prompt had visual tokens (read at prefill: no tensor read in a decode step)."""
+    flags = state.generation_state(RUNTIME_FLAGS)
+    if HAS_VISUAL not in flags:  # a state the engine did not start (e.g. built by hand)
+        visual = state.continuing.visual if state.continuing is not None else state.layout.visual
+        flags[HAS_VISUAL] = bool(visual.any())
+    return flags[HAS_VISUAL]
 
 
 def resolve_rows(rows: str | torch.Tensor, batch: int, q_len: int, device: torch.device) -> torch.Tensor:
@@ -57,15 +78,24 @@ class AttentionDispatch:
     def __call__(self, stock: Callable, module: nn.Module, query, key, value, attention_mask, **kwargs):
         runtime = self.runtime
         state = runtime.state
+        replay = kwargs.pop(REPLAY_KWARG, None)
+        recompute = state is None and replay is not None
+        if recompute:
+            state = replay_view(*replay)
         if state is None:
             return stock(module, query, key, value, attention_mask, **kwargs)
         layer = module.layer_idx
         with runtime.timed():
+            row_mask = self._row_mask(query, key, attention_mask)
             for method in runtime.methods:
                 request = method.score_request(layer, state)
                 if request is not None:
-                    self._tap_scores(method, request, module, query, key, attention_mask, kwargs, state)
+                    self._tap_scores(method, request, module, query, key, row_mask, kwargs, state, recompute)
             edits = [e for e in (m.row_edit(layer, state) for m in runtime.methods) if e is not None]
+            if edits and not _any_visual(state):
+                edits = []  # no image: nothing to reweight, and the stock rows stay bitwise unchanged
+            if edits and state.extras.get(PACKED):
+                raise ValueError(PACKED_ERROR)
             gates = self._gates(module, layer, query, key, state)
         sparse = gates is not None and self._sparse_decode_ok(gates, query, edits)
         if sparse:
@@ -73,12 +103,25 @@ class AttentionDispatch:
                 output = self._head_sparse_decode(module, query, key, value, attention_mask, gates, kwargs)
             return output, None
         if edits:
-            output, weights = self._edited(stock, module, query, key, value, attention_mask, edits, kwargs, state)
+            output, weights = self._edited(
+                stock, module, query, key, value, attention_mask, edits, kwargs, state, row_mask
+            )
         else:
             output, weights = stock(module, query, key, value, attention_mask, **kwargs)
         if gates is not None:
             output = output * gates.weights.to(output.device, output.dtype)[..., None]
         return output, weights
+
+    def _row_mask(self, query: torch.Tensor, key: torch.Tensor, attention_mask):
+        """The mask the recomputed rows (taps, edits) must use: the layer's own, except where SDPA got none and
+        runs ``is_causal`` over more keys than queries (a static cache's empty slots at prefill): SDPA aligns that
+        causal mask top-left, so the rows do too (the index rule of a missing mask is FlashAttention's)."""
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if attention_mask is not None or q_len in (1, kv_len):
+            return attention_mask
+        if self.runtime.text_config._attn_implementation != "sdpa":
+            return attention_mask
+        return torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()[None, None]
 
     # ------------------------------------------------------------------------------------------------ taps
 
@@ -92,9 +135,12 @@ class AttentionDispatch:
         attention_mask: torch.Tensor | None,
         kwargs: dict,
         state: ForwardState,
+        recompute: bool = False,
     ) -> None:
         rows = resolve_rows(request.rows, query.shape[0], query.shape[2], query.device)
         probs = row_attention_probs(query, key, attention_mask, rows, _scaling(module, query, kwargs), request.reduce)
+        if recompute:
+            return  # the same ops as the forward (a checkpoint replay must save the same tensors), no new decisions
         home = state.layout.visual.device  # methods keep their state on the home device (runtime/devices.py)
         tap = ScoreTap(probs.to(home), rows.to(home), state.current_index)
         state.taps[(id(method), module.layer_idx)] = tap
@@ -102,7 +148,7 @@ class AttentionDispatch:
 
     # ------------------------------------------------------------------------------------------------ edits
 
-    def _edited(self, stock, module, query, key, value, attention_mask, edits, kwargs, state):
+    def _edited(self, stock, module, query, key, value, attention_mask, edits, kwargs, state, row_mask):
         layer = module.layer_idx
         batch, heads, q_len, _ = query.shape
         rows = resolve_rows(edits[0].rows, batch, q_len, query.device)
@@ -113,7 +159,7 @@ class AttentionDispatch:
         with self.runtime.timed():
             visual = state.visual_key_mask(layer, key.shape[2])
             edited = edited_rows_attention(
-                query, key, value, attention_mask, rows, _scaling(module, query, kwargs), visual,
+                query, key, value, row_mask, rows, _scaling(module, query, kwargs), visual,
                 [e.edit for e in edits], layer, state,
             )  # fmt: skip
             if every_row:

@@ -33,13 +33,20 @@ from transformers import DynamicCache
 
 from vlm_accel.methods.base import Method
 from vlm_accel.patches.base import FamilyAdapter
-from vlm_accel.runtime.attend import AttentionDispatch
-from vlm_accel.runtime.attention import (
-    RUNTIME_ATTRIBUTE,
-    SUPPORTED_BACKENDS,
-    base_backend,
-    register_attention_functions,
-    wrapped_name,
+from vlm_accel.runtime.attend import REPLAY_KWARG, AttentionDispatch
+from vlm_accel.runtime.attention import RUNTIME_ATTRIBUTE, register_attention_functions
+from vlm_accel.runtime.backend import check_backend, route_attention, unroute_attention
+from vlm_accel.runtime.beams import follow_beam_reorder
+from vlm_accel.runtime.checks import (
+    CUSTOM_MASK,
+    CUSTOM_MASK_ERROR,
+    HAS_VISUAL,
+    PACKED,
+    RUNTIME_FLAGS,
+    check_drop_allowed,
+    check_tensor_inputs,
+    is_identity,
+    is_packed,
 )
 from vlm_accel.runtime.flash_route import pruned_layer_position_ids
 from vlm_accel.runtime.generation import guarded_generate, nest_generate_wrappers
@@ -99,7 +106,6 @@ class Runtime:
         self.vision = VisionHooks(self)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attention_modules: list[nn.Module] = []
-        self._original_attn: str | None = None
         self._logits_to_keep: Any = 0
         self._changes_length = any(m.changes_length for m in methods)
         self._visual_ids = adapter.visual_token_ids(model)
@@ -109,20 +115,14 @@ class Runtime:
     def install(self) -> None:
         for method in self.methods:
             method.bind(self.ctx)
-        current = self.text_config._attn_implementation
-        backend = base_backend(current)
-        if backend not in SUPPORTED_BACKENDS:
-            raise ValueError(
-                f"attention implementation {current!r} is not supported by vlm_accel; "
-                f"use one of {', '.join(SUPPORTED_BACKENDS)}"
-            )
+        check_backend(self.text_config._attn_implementation)
         register_attention_functions()
-        self._original_attn = current
-        self.model.set_attn_implementation({"text_config": wrapped_name(backend)})
         for layer in self.layers:
             attention = layer.self_attn
             setattr(attention, RUNTIME_ATTRIBUTE, self)
             self._attention_modules.append(attention)
+        route_attention(self._attention_modules)  # the model keeps reporting (and switching) its stock backend
+        for attention in self._attention_modules:
             if self.attend.gating:
                 self._handles.append(attention.register_forward_pre_hook(self.attend.capture_input, with_kwargs=True))
         base = self.adapter.base_model(self.model)
@@ -149,15 +149,13 @@ class Runtime:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        unroute_attention(self._attention_modules)
         for attention in self._attention_modules:
             if getattr(attention, RUNTIME_ATTRIBUTE, None) is self:
                 delattr(attention, RUNTIME_ATTRIBUTE)
         self._attention_modules.clear()
         if "generate" in vars(self.model):
             del self.model.generate
-        if self._original_attn is not None:
-            self.model.set_attn_implementation({"text_config": self._original_attn})
-            self._original_attn = None
         self.state = None
         self.stream = None
 
@@ -165,6 +163,9 @@ class Runtime:
 
     @contextmanager
     def timed(self) -> Iterator[None]:
+        if torch.compiler.is_compiling():  # a clock read cannot be traced (torch.compile fullgraph=True)
+            yield
+            return
         start = time.perf_counter()
         try:
             yield
@@ -180,9 +181,14 @@ class Runtime:
         with self.timed():
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             inputs_embeds = kwargs.get("inputs_embeds")
+            check_backend(self.text_config._attn_implementation)  # switched after patching: refuse, never ignore
+            check_tensor_inputs(kwargs)
             mask_2d = kwargs.get("attention_mask")
-            if mask_2d is not None and mask_2d.dim() != 2:
-                raise ValueError("vlm_accel needs a 2-D attention_mask (or None); got a prepared 4-D mask")
+            # a custom 4-D mask (or the per-layer-type dict generate() prepares for a static cache) passes through
+            # untouched: only a keep plan that actually drops tokens needs a 2-D one (refused then, at the drop)
+            custom_mask = mask_2d is not None and not (torch.is_tensor(mask_2d) and mask_2d.dim() == 2)
+            if custom_mask:
+                mask_2d = None
             cache = kwargs.get("past_key_values")
             record: PlanRecord | None = getattr(cache, CACHE_ATTRIBUTE, None)
             if self._changes_length and cache is not None and not isinstance(cache, DynamicCache):
@@ -195,11 +201,13 @@ class Runtime:
                 visual_ids = self._visual_ids if _has_visual_inputs(kwargs) else ()
                 layout = VisualLayout.from_input_ids(input_ids, visual_ids, mask_2d)
                 batch, window = input_ids.shape
+                new_visual = bool(visual_ids) and layout.any_visual  # no tensor read without visual inputs (compile)
             else:
                 embeddings = self.adapter.visual_token_embeddings(self.model)
                 layout = VisualLayout.from_embeddings(inputs_embeds, embeddings, mask_2d)
                 batch, window = inputs_embeds.shape[:2]
-            if record is not None and layout.any_visual:
+                new_visual = record is not None and layout.any_visual
+            if record is not None and new_visual:
                 if record.stages:
                     raise ValueError(
                         "new visual tokens cannot be appended to a cache pruned by vlm_accel; start a new cache"
@@ -219,6 +227,11 @@ class Runtime:
             vision_pass = self.vision.take_pass(kwargs.get("mm_encoder_outputs")) if record is None else None
             if vision_pass is not None:
                 self.state.adopt_vision_pass(vision_pass)
+            self.state.extras[CUSTOM_MASK] = custom_mask
+            flags = self.state.generation_state(RUNTIME_FLAGS)
+            if record is None:  # read once per generation, at prefill (decode steps may be compiled)
+                flags[HAS_VISUAL] = layout.any_visual
+            self.state.extras[PACKED] = is_packed(kwargs, bool(getattr(self.text_config, "use_cache", True)))
             if record is None and self.stream is not None:
                 self.stream.calls += 1
             inputs = kwargs if input_ids is None or "input_ids" in kwargs else {**kwargs, "input_ids": input_ids}
@@ -268,25 +281,38 @@ class Runtime:
         if state is None:
             return None
         with self.timed():
-            hidden = args[0] if args else kwargs["hidden_states"]
-            state.layer_input = hidden
-            if state.is_prefill:
-                cache = kwargs.get("past_key_values")
-                if index == 0 and cache is not None:
-                    # later calls on this cache (decode steps) learn from it where the prompt's visual tokens
-                    # were, what each layer kept (the live ``stages`` list) and each method's generation state
-                    setattr(cache, CACHE_ATTRIBUTE, state.new_record())
-                result = self._prefill_layer_inputs(index, hidden, args, kwargs, state)
-                if result is not None:
-                    new_args, new_kwargs = result
-                    hidden = new_args[0] if new_args else new_kwargs["hidden_states"]
-                self.stats.tokens_per_layer.append(int(hidden.shape[1]))
-                return result
-            stage = state.continuing.stage_for_layer(index)
-            if stage is None:
-                return None
-            kwargs["attention_mask"] = self.masks.continuation(index, stage, hidden, kwargs, state)
-            return args, kwargs
+            result = self._layer_inputs(index, args, kwargs, state)
+            if layer.training and torch.is_grad_enabled() and getattr(layer, "gradient_checkpointing", False):
+                # a checkpointed layer recomputes its attention in backward, after this forward's state is gone:
+                # hand it the state as of this layer through the layer's kwargs (the checkpoint keeps them)
+                args, kwargs = result if result is not None else (args, kwargs)
+                kwargs[REPLAY_KWARG] = (state, len(state.stages))
+                return args, kwargs
+            return result
+
+    def _layer_inputs(self, index: int, args: tuple, kwargs: dict, state: ForwardState) -> tuple[tuple, dict] | None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        state.layer_input = hidden
+        if state.is_prefill:
+            cache = kwargs.get("past_key_values")
+            if index == 0 and cache is not None:
+                # later calls on this cache (decode steps) learn from it where the prompt's visual tokens
+                # were, what each layer kept (the live ``stages`` list) and each method's generation state
+                setattr(cache, CACHE_ATTRIBUTE, state.new_record())
+            follow_beam_reorder(cache)  # beam search permutes the cache's rows: the record's rows follow
+            result = self._prefill_layer_inputs(index, hidden, args, kwargs, state)
+            if result is not None:
+                new_args, new_kwargs = result
+                hidden = new_args[0] if new_args else new_kwargs["hidden_states"]
+            self.stats.tokens_per_layer.append(int(hidden.shape[1]))
+            return result
+        stage = state.continuing.stage_for_layer(index)
+        if stage is None:
+            return None
+        if state.extras.get(CUSTOM_MASK):
+            raise ValueError(CUSTOM_MASK_ERROR)
+        kwargs["attention_mask"] = self.masks.continuation(index, stage, hidden, kwargs, state)
+        return args, kwargs
 
     def _on_language_model_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state = self.state
@@ -308,7 +334,8 @@ class Runtime:
         if index > 0:  # layer 0 is never shortened (generate()'s bookkeeping reads it)
             for method in self.methods:
                 plan = method.select(index, state)
-                if plan is not None:
+                if plan is not None and not is_identity(plan, state):
+                    check_drop_allowed(state)
                     hidden = push_stage(index, plan, hidden, state)
                     state.layer_input = hidden
         if not state.stages:
@@ -322,7 +349,7 @@ class Runtime:
         cos_sin, position_ids = inputs
         kwargs["position_embeddings"] = cos_sin
         # flash would read gapped kept positions as packed sequences (runtime/flash_route.py)
-        backend = base_backend(self.text_config._attn_implementation)
+        backend = self.text_config._attn_implementation  # the stock name (runtime/backend.py)
         kwargs["position_ids"] = pruned_layer_position_ids(backend, position_ids)
         kwargs["attention_mask"] = self.masks.prefill(index, stage_number, stage, hidden, kwargs, state)
         if args:

@@ -1,5 +1,8 @@
 """``generate()`` under a patch: refusals of the modes a length-changing patch cannot follow, and the fixed nesting
-of methods' ``generate`` wrappers.
+of methods' ``generate`` wrappers. Beam search is supported (the plan record follows the cache's beam reordering,
+:mod:`vlm_accel.runtime.beams`); so is prompt-lookup decoding: its verification forwards are decode
+calls of several tokens (masks remapped per layer as for one), and ``Cache.crop`` removes the rejected tokens from
+the end of every layer, whatever its length. Assisted decoding with an assistant model is refused (see below).
 
 Wrappers nest by ``Method.generate_rank`` (then name), never by the user's list, so ``["sgl", "pai"]`` and
 ``["pai", "sgl"]`` are the same patch: SGL (rank 10) is outermost and runs its guide on the caller's arguments
@@ -16,6 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from vlm_accel.methods.base import Method
+from vlm_accel.runtime.checks import resolved_generation_config
 
 UNSUPPORTED_CACHE_MODES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
 
@@ -32,21 +36,20 @@ def check_generate_mode(model: nn.Module, kwargs: dict[str, Any], changes_length
     """Refuse, with one clear line, the generation modes whose cache bookkeeping cannot follow per-layer lengths."""
     if not changes_length:
         return
-    config = kwargs.get("generation_config") or model.generation_config
-    num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-    if num_beams > 1:
-        raise ValueError(
-            "beam search (num_beams > 1) is not supported with token-pruning methods: beam reordering "
-            "does not follow per-layer kept tokens; use greedy or sampling"
-        )
-    cache_mode = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    config = resolved_generation_config(model, kwargs)  # a mode set in any place generate() reads it from
+    cache_mode = getattr(config, "cache_implementation", None)
     if cache_mode in UNSUPPORTED_CACHE_MODES:
         raise ValueError(
             f"cache_implementation={cache_mode!r} is not supported with token-pruning methods "
             "(layers hold different numbers of tokens); use the default dynamic cache"
         )
-    if kwargs.get("assistant_model") or kwargs.get("prompt_lookup_num_tokens"):
-        raise ValueError("assisted / speculative decoding is not supported with token-pruning methods")
+    if kwargs.get("assistant_model") is not None or getattr(config, "assistant_early_exit", None):
+        # prompt-lookup decoding is exact under pruning (tested); with an assistant model the output was seen to
+        # differ from greedy, cause not found: refused until it is
+        raise ValueError(
+            "assisted decoding with an assistant model is not supported with token-pruning methods; "
+            "prompt_lookup_num_tokens works"
+        )
     cache = kwargs.get("past_key_values")
     if cache is not None and not isinstance(cache, DynamicCache):
         raise ValueError(f"{type(cache).__name__} is not supported with token-pruning methods; pass a DynamicCache")

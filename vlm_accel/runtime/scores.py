@@ -112,6 +112,18 @@ def edited_rows_attention(
     for edit in edits:
         edited = edit(edited, context)
     logits = edited.to(query.device)
-    probs = masked_softmax_(logits, allowed[:, None])
+    if logits.requires_grad:  # training through the edit: the same softmax, out of place (autograd keeps exp)
+        probs = _masked_softmax(logits, allowed[:, None])
+    else:
+        probs = masked_softmax_(logits, allowed[:, None])
     out = torch.matmul(probs.view(batch, kv_heads, groups * m, -1), value.float())
     return out.view(batch, heads, m, dim).transpose(1, 2).to(query.dtype)
+
+
+def _masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``masked_softmax_``'s arithmetic without in-place ops (rows with nothing allowed give all zeros)."""
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    top = logits.amax(dim=-1, keepdim=True)
+    weights = (logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top))).exp()
+    total = weights.sum(dim=-1, keepdim=True)
+    return weights / torch.where(total > 0, total, torch.ones_like(total))
