@@ -7,6 +7,8 @@ arm alike:
 - ``prefill_s`` (TTFT): one forward exactly as ``generate()`` runs its first step — vision tower + projector + LM
   over the whole prompt, a fresh ``DynamicCache``, ``logits_to_keep=1``;
 - ``e2e_s``: ``generate(max_new_tokens=N, min_new_tokens=N)``, greedy (a fixed N, whatever the random weights say);
+- ``ttft_s``: time to the first token inside that ``generate()`` (the prefill plus generate's own setup, as
+  ``vlm-accel compare`` times it);
 - ``decode_step_s``: one decode step, timed directly inside ``generate()`` (median over its steps, see
   :class:`StepClock`); ``decode_tok_s = batch / decode_step_s``;
 - ``peak_mem_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` during ``generate`` (weights included) and
@@ -442,6 +444,8 @@ def _measure_batch(model, all_arms: list[Arm], batch: int, settings: BenchSettin
                 t["prefill_cpu"].append(prefill.cpu)
                 t["e2e_cpu"].append(e2e.cpu)
                 step_wall, step_cpu = steps.median_step()
+                t["ttft"].append(steps.ttft[0])
+                t["ttft_cpu"].append(steps.ttft[1])
                 t["step"].append(step_wall)
                 t["step_cpu"].append(step_cpu)
                 t["mem"].append(mem)
@@ -456,6 +460,7 @@ def _measure_batch(model, all_arms: list[Arm], batch: int, settings: BenchSettin
         row.update(
             prefill_s=prefill, e2e_s=e2e, vision_s=statistics.median(vision),
             decode_step_s=step, decode_tok_s=batch / step if step > 0 else None,  # timed step by step
+            ttft_s=statistics.median(t["ttft"]), ttft_s_runs=t["ttft"],
             prefill_s_runs=t["prefill"], e2e_s_runs=t["e2e"], decode_step_s_runs=t["step"],
             peak_mem_bytes=max(mems) if mems else None,
             peak_mem_above_weights=(max(mems) - weights) if mems else None,
@@ -463,7 +468,8 @@ def _measure_batch(model, all_arms: list[Arm], batch: int, settings: BenchSettin
         if not settings.device.startswith("cuda"):  # CPU time means nothing for asynchronous GPU work
             row.update(
                 prefill_cpu_s=statistics.median(t["prefill_cpu"]), e2e_cpu_s=statistics.median(t["e2e_cpu"]),
-                decode_step_cpu_s=statistics.median(t["step_cpu"]),
+                decode_step_cpu_s=statistics.median(t["step_cpu"]), ttft_cpu_s=statistics.median(t["ttft_cpu"]),
+                ttft_cpu_s_runs=t["ttft_cpu"],
                 prefill_cpu_s_runs=t["prefill_cpu"], e2e_cpu_s_runs=t["e2e_cpu"], decode_step_cpu_s_runs=t["step_cpu"],
             )  # fmt: skip
         rows.append(row)
@@ -523,7 +529,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             if row.get("prefill_cpu_s") is not None:
                 row["prefill_cpu_speedup"] = ref["prefill_cpu_s"] / row["prefill_cpu_s"]
                 row["e2e_cpu_speedup"] = ref["e2e_cpu_s"] / row["e2e_cpu_s"]
-            for key, runs in (("prefill_cpu_speedup", "prefill_cpu_s_runs"), ("decode_cpu_speedup", "decode_step_cpu_s_runs")):
+            for key, runs in (("prefill_cpu_speedup", "prefill_cpu_s_runs"), ("ttft_cpu_speedup", "ttft_cpu_s_runs"),
+                              ("decode_cpu_speedup", "decode_step_cpu_s_runs")):  # fmt: skip
                 if row.get(runs) and ref.get(runs):
                     # arms are interleaved, so repeat i of every arm ran under the same load: pair them
                     row[key], *row[key + "_range"] = paired_speedups(ref[runs], row[runs])
@@ -633,7 +640,8 @@ def _table_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, floa
     if measured:
         columns += [("prefill ms", "prefill_s", ".1f", 1e3), ("prefill ×", "prefill_speedup", ".2f", 1.0)]
         if cpu_time:
-            columns.append(("prefill × cpu-t", "prefill_cpu_speedup", ".2f", 1.0))
+            columns += [("prefill × cpu-t", "prefill_cpu_speedup", ".2f", 1.0),
+                        ("TTFT × cpu-t", "ttft_cpu_speedup", ".2f", 1.0)]  # fmt: skip
         columns += [("LM-only ×", "lm_prefill_speedup", ".2f", 1.0)]
     else:
         columns.append(("prefill GFLOPs", "prefill_flops", ".1f", 1e-9))
@@ -674,6 +682,7 @@ def print_table(result: dict[str, Any]) -> None:
     if any("prefill_cpu_speedup" in r for r in result["rows"]):
         console.print("every × is a speed-up over unpatched (> 1: faster). cpu-t: ratio of this process's CPU time "
                       "(robust to other processes sharing the cores), median (min–max) of the per-repeat ratios; "
+                      "TTFT: time to first token inside generate() (as `vlm-accel compare` times its prefill); "
                       "decode: one decode step timed directly inside generate(); LM-only: prefill minus the vision "
                       "tower; peak memory is not measured on CPU")  # fmt: skip
 
