@@ -261,6 +261,7 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
         timing_inputs = timing_batch(processor, dataset, settings.batch_size, settings.device)
         plans, skipped = _plans(model, settings)
         bar.update(load, completed=1, description=f"loaded {settings.model}; {len(plans)} settings")
+        phase_cpu = {"load": time.process_time() - started[1]}
 
         accuracy = bar.add_task("accuracy", total=len(plans) * len(dataset))
         rows = []
@@ -279,6 +280,7 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
                     keep_fraction = patch.stats.visual_keep_fraction
             rows.append(_row(label, config, result, keep_fraction))
         bar.update(accuracy, description="accuracy")
+        phase_cpu["accuracy"] = time.process_time() - started[1] - sum(phase_cpu.values())
 
         timing = bar.add_task("timing", total=len(plans) * settings.timing_rounds)
 
@@ -291,6 +293,7 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
             times = interleaved_rounds(model, timing_inputs, [c for _, c in plans], settings.timing_rounds,
                                        settings.device, on_run)  # fmt: skip
         bar.update(timing, description="timing")
+        phase_cpu["timing"] = time.process_time() - started[1] - sum(phase_cpu.values())
     add_speed(rows, times, "wall" if clock == "wall" else "cpu")
     return {
         "model": settings.model,
@@ -305,6 +308,7 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
         "torch_threads": torch.get_num_threads(),
         "elapsed_wall_s": time.perf_counter() - started[0],
         "elapsed_cpu_s": time.process_time() - started[1],
+        "phase_cpu_s": phase_cpu,
         "rows": rows,
         "skipped": skipped,
     }
