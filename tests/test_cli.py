@@ -64,7 +64,8 @@ def test_traceback_flag_reraises():
 
 
 def test_eval_without_lm_eval_names_the_install(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval...` raise ModuleNotFoundError
+    for name in [n for n in sys.modules if n == "lm_eval" or n.startswith("lm_eval.")] or ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import lm_eval...` raise ModuleNotFoundError
     assert main(["eval", "--tasks", "x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'lm-eval" in err
