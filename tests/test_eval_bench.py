@@ -40,6 +40,9 @@ def test_json_is_well_formed(tiny_result):
     for r in rows:
         assert len(r["prefill_s_runs"]) == 2 and len(r["e2e_s_runs"]) == 2
         assert 0 < r["prefill_s"] < r["e2e_s"] and r["decode_tok_s"] > 0
+        assert 0 < r["ttft_s"] < r["e2e_s"] and len(r["decode_step_s_runs"]) == 2 and r["decode_step_s"] > 0
+        low, high = r["decode_cpu_speedup_range"]
+        assert low <= r["decode_cpu_speedup"] <= high
         assert r["peak_mem_bytes"] is None
         for key in ("prefill_speedup", "e2e_speedup", "flops_ideal_speedup", "kv_fraction"):
             assert isinstance(r[key], float)

@@ -7,7 +7,10 @@ arm alike:
 - ``prefill_s`` (TTFT): one forward exactly as ``generate()`` runs its first step — vision tower + projector + LM
   over the whole prompt, a fresh ``DynamicCache``, ``logits_to_keep=1``;
 - ``e2e_s``: ``generate(max_new_tokens=N, min_new_tokens=N)``, greedy (a fixed N, whatever the random weights say);
-- ``decode_tok_s``: ``batch × (N − 1) / (e2e_s − prefill_s)``, the decode throughput implied by the two;
+- ``ttft_s``: time to the first token inside that ``generate()`` (the prefill plus generate's own setup, as
+  ``vlm-accel compare`` times it);
+- ``decode_step_s``: one decode step, timed directly inside ``generate()`` (median over its steps, see
+  :class:`StepClock`); ``decode_tok_s = batch / decode_step_s``;
 - ``peak_mem_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` during ``generate`` (weights included) and
   ``peak_mem_above_weights``; on CPU there is no per-run allocator peak, so both are null (KV bytes are exact);
 - ``kv_bytes``: bytes of the KV cache after the prefill, summed over layers;
@@ -299,15 +302,77 @@ def time_vision(model: torch.nn.Module, inputs: dict, device: str) -> Clock:
     return clock
 
 
-def time_generate(model: torch.nn.Module, inputs: dict, device: str, new_tokens: int) -> tuple[Clock, int | None]:
+class StepClock:
+    """Wall and process-CPU timestamps after every step of ``generate()``, measured directly.
+
+    Passed as a stopping criterion: transformers calls every criterion once per generated token, right after the
+    step's forward, logits processing and token choice, so consecutive stamps bracket exactly one decode step and
+    the first stamp ends the prefill (time to first token). This replaces deriving a decode step from
+    ``(generate − a separately timed prefill) / steps``, where prefill noise spills into the decode figure.
+
+    A method may run other ``generate()`` calls inside the patched one (SGL's guide model, which receives the same
+    criteria); a call is recognised by its sequence length starting over, and only the last one — the model's own
+    generation, which runs last — is kept. ``ttft`` still spans everything since :meth:`start`.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.start()
+
+    def start(self) -> None:
+        _sync(self.device)
+        self.stamps: list[tuple[float, float]] = []
+        self._length: int | None = None
+        self._start = (time.perf_counter(), time.process_time())
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        _sync(self.device)
+        now = (time.perf_counter(), time.process_time())
+        length = int(input_ids.shape[-1])
+        if self._length is not None and length <= self._length:  # a new generate() began: keep the last one
+            self.stamps = []
+        self._length = length
+        self.stamps.append(now)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    @property
+    def ttft(self) -> tuple[float, float]:
+        """(wall, CPU) seconds from :meth:`start` to the end of the first step of the last generate()."""
+        if not self.stamps:
+            raise RuntimeError("StepClock saw no generation step (was it passed as a stopping criterion?)")
+        return self.stamps[0][0] - self._start[0], self.stamps[0][1] - self._start[1]
+
+    @property
+    def steps(self) -> list[tuple[float, float]]:
+        """(wall, CPU) seconds of each decode step of the last generate() (one fewer than its new tokens)."""
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self.stamps, self.stamps[1:])]
+
+    def median_step(self) -> tuple[float, float] | None:
+        steps = self.steps
+        if not steps:
+            return None
+        return statistics.median(w for w, _ in steps), statistics.median(c for _, c in steps)
+
+
+def time_generate(
+    model: torch.nn.Module, inputs: dict, device: str, new_tokens: int, steps: StepClock | None = None
+) -> tuple[Clock, int | None]:
+    """End-to-end ``generate()`` (greedy, exactly ``new_tokens``); ``steps`` (a :class:`StepClock`) also times each
+    step. Returns the clock and, on CUDA, the peak allocated memory."""
+    from transformers import StoppingCriteriaList
+
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    extra = {"stopping_criteria": StoppingCriteriaList([steps])} if steps is not None else {}
     with Clock(device) as clock, torch.inference_mode():
+        if steps is not None:
+            steps.start()
         out = model.generate(
             **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=model.config.get_text_config().pad_token_id or 0,
+            pad_token_id=model.config.get_text_config().pad_token_id or 0, **extra,
         )  # fmt: skip
+    out = out if torch.is_tensor(out) else out.sequences
     if out.shape[1] != inputs["input_ids"].shape[1] + new_tokens:
         raise RuntimeError(f"generate produced {out.shape[1] - inputs['input_ids'].shape[1]} tokens, not {new_tokens}")
     return clock, (torch.cuda.max_memory_allocated() if cuda else None)
@@ -368,15 +433,21 @@ def _measure_batch(model, all_arms: list[Arm], batch: int, settings: BenchSettin
             vision.append(clock.wall)
         for arm in all_arms:
             bar.update(task, description=f"batch {batch} · {arm.label} · {'run' if measured else 'warm-up'}")
+            steps = StepClock(settings.device)
             with applied(model, arm):
                 prefill, _ = time_prefill(model, inputs, settings.device)
-                e2e, mem = time_generate(model, inputs, settings.device, settings.new_tokens)
+                e2e, mem = time_generate(model, inputs, settings.device, settings.new_tokens, steps)
             if measured:
                 t = timings[arm.label]
                 t["prefill"].append(prefill.wall)
                 t["e2e"].append(e2e.wall)
                 t["prefill_cpu"].append(prefill.cpu)
                 t["e2e_cpu"].append(e2e.cpu)
+                step_wall, step_cpu = steps.median_step()
+                t["ttft"].append(steps.ttft[0])
+                t["ttft_cpu"].append(steps.ttft[1])
+                t["step"].append(step_wall)
+                t["step_cpu"].append(step_cpu)
                 t["mem"].append(mem)
             bar.advance(task)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -384,20 +455,22 @@ def _measure_batch(model, all_arms: list[Arm], batch: int, settings: BenchSettin
     for arm in all_arms:
         row = _static_row(model, arm, batch, inputs, settings)
         t = timings[arm.label]
-        prefill, e2e = statistics.median(t["prefill"]), statistics.median(t["e2e"])
-        decode_time = e2e - prefill
+        prefill, e2e, step = (statistics.median(t[k]) for k in ("prefill", "e2e", "step"))
         mems = [m for m in t["mem"] if m is not None]
         row.update(
             prefill_s=prefill, e2e_s=e2e, vision_s=statistics.median(vision),
-            decode_tok_s=batch * (settings.new_tokens - 1) / decode_time if decode_time > 0 else None,
-            prefill_s_runs=t["prefill"], e2e_s_runs=t["e2e"],
+            decode_step_s=step, decode_tok_s=batch / step if step > 0 else None,  # timed step by step
+            ttft_s=statistics.median(t["ttft"]), ttft_s_runs=t["ttft"],
+            prefill_s_runs=t["prefill"], e2e_s_runs=t["e2e"], decode_step_s_runs=t["step"],
             peak_mem_bytes=max(mems) if mems else None,
             peak_mem_above_weights=(max(mems) - weights) if mems else None,
         )  # fmt: skip
         if not settings.device.startswith("cuda"):  # CPU time means nothing for asynchronous GPU work
             row.update(
                 prefill_cpu_s=statistics.median(t["prefill_cpu"]), e2e_cpu_s=statistics.median(t["e2e_cpu"]),
-                prefill_cpu_s_runs=t["prefill_cpu"], e2e_cpu_s_runs=t["e2e_cpu"],
+                decode_step_cpu_s=statistics.median(t["step_cpu"]), ttft_cpu_s=statistics.median(t["ttft_cpu"]),
+                ttft_cpu_s_runs=t["ttft_cpu"],
+                prefill_cpu_s_runs=t["prefill_cpu"], e2e_cpu_s_runs=t["e2e_cpu"], decode_step_cpu_s_runs=t["step_cpu"],
             )  # fmt: skip
         rows.append(row)
     return rows
@@ -427,6 +500,18 @@ def run_bench(settings: BenchSettings, arms: Sequence[Arm], progress: bool = Tru
     return {"meta": _meta(settings, source, model), "rows": rows}
 
 
+def paired_speedups(reference: Sequence[float], measured: Sequence[float]) -> tuple[float, float, float]:
+    """Median, min and max of ``reference[i] / measured[i]``: speed-ups of runs taken in the same interleaved
+    round, so the spread shows how much the load changed between rounds (the noise a reader must discount)."""
+    if len(reference) != len(measured) or not reference:
+        raise ValueError(f"paired_speedups needs two equally long non-empty run lists, got {len(reference)} and "
+                         f"{len(measured)}")  # fmt: skip
+    ratios = [r / m for r, m in zip(reference, measured) if m > 0]
+    if not ratios:
+        raise ValueError("paired_speedups: every measured run took 0 s")
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Speedups of each row over the unpatched row of the same batch size (measured and FLOPs-ideal)."""
     base = {r["batch"]: r for r in rows if r["arm"] == "unpatched"}
@@ -439,9 +524,16 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         if row.get("prefill_s") is not None:
             row["prefill_speedup"] = ref["prefill_s"] / row["prefill_s"]
             row["e2e_speedup"] = ref["e2e_s"] / row["e2e_s"]
+            if row.get("decode_step_s"):
+                row["decode_speedup"] = ref["decode_step_s"] / row["decode_step_s"]
             if row.get("prefill_cpu_s") is not None:
                 row["prefill_cpu_speedup"] = ref["prefill_cpu_s"] / row["prefill_cpu_s"]
                 row["e2e_cpu_speedup"] = ref["e2e_cpu_s"] / row["e2e_cpu_s"]
+            for key, runs in (("prefill_cpu_speedup", "prefill_cpu_s_runs"), ("ttft_cpu_speedup", "ttft_cpu_s_runs"),
+                              ("decode_cpu_speedup", "decode_step_cpu_s_runs")):  # fmt: skip
+                if row.get(runs) and ref.get(runs):
+                    # arms are interleaved, so repeat i of every arm ran under the same load: pair them
+                    row[key], *row[key + "_range"] = paired_speedups(ref[runs], row[runs])
             vision = row.get("vision_s")
             if vision is not None and row["prefill_s"] > vision:
                 # the LM's share of the prefill (prefill minus the vision tower), the part FLOPs-ideal describes
@@ -533,8 +625,11 @@ def analytic_bench(settings: BenchSettings, arms: Sequence[Arm]) -> dict[str, An
 # ---------------------------------------------------------------------------------------------- output
 
 
-def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
-    return "—" if value is None else format(value * scale, spec)
+def _fmt(value: Any, spec: str, scale: float = 1.0, spread: Sequence[float] | None = None) -> str:
+    if value is None:
+        return "—"
+    text = format(value * scale, spec)
+    return text if not spread else f"{text} ({format(spread[0] * scale, spec)}–{format(spread[1] * scale, spec)})"
 
 
 def _table_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, float]]:
@@ -545,14 +640,17 @@ def _table_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, floa
     if measured:
         columns += [("prefill ms", "prefill_s", ".1f", 1e3), ("prefill ×", "prefill_speedup", ".2f", 1.0)]
         if cpu_time:
-            columns.append(("prefill × cpu-t", "prefill_cpu_speedup", ".2f", 1.0))
+            columns += [("prefill × cpu-t", "prefill_cpu_speedup", ".2f", 1.0),
+                        ("TTFT × cpu-t", "ttft_cpu_speedup", ".2f", 1.0)]  # fmt: skip
         columns += [("LM-only ×", "lm_prefill_speedup", ".2f", 1.0)]
     else:
         columns.append(("prefill GFLOPs", "prefill_flops", ".1f", 1e-9))
     columns.append(("FLOPs-ideal ×", "flops_ideal_speedup", ".2f", 1.0))
     if measured:
-        columns += [("decode tok/s", "decode_tok_s", ".1f", 1.0), ("e2e ms", "e2e_s", ".1f", 1e3),
-                    ("e2e ×", "e2e_speedup", ".2f", 1.0)]  # fmt: skip
+        columns.append(("decode tok/s", "decode_tok_s", ".1f", 1.0))
+        if cpu_time:
+            columns.append(("decode × cpu-t", "decode_cpu_speedup", ".2f", 1.0))
+        columns += [("e2e ms", "e2e_s", ".1f", 1e3), ("e2e ×", "e2e_speedup", ".2f", 1.0)]
         if cpu_time:
             columns.append(("e2e × cpu-t", "e2e_cpu_speedup", ".2f", 1.0))
         columns.append(("peak MiB", "peak_mem_bytes", ".0f", 2**-20))
@@ -575,15 +673,18 @@ def print_table(result: dict[str, Any]) -> None:
         table.add_column(header, justify="left" if header == "arm" else "right")
     for r in result["rows"]:
         cells = [r["arm"], str(r["batch"]), f"{r['visual_tokens_kept']}/{r['visual_tokens']}"]
-        cells += [_fmt(r.get(key), spec, scale) for _, key, spec, scale in columns]
+        cells += [_fmt(r.get(key), spec, scale, r.get(key + "_range")) for _, key, spec, scale in columns]
         table.add_row(*cells)
     console = Console()
     if not console.is_terminal:  # files / pipes: do not squeeze the table into 80 columns
         console = Console(width=220)
     console.print(table)
     if any("prefill_cpu_speedup" in r for r in result["rows"]):
-        console.print("cpu-t: ratio of this process's CPU time (robust to other processes sharing the cores); "
-                      "LM-only: prefill minus the vision tower; peak memory is not measured on CPU")  # fmt: skip
+        console.print("every × is a speed-up over unpatched (> 1: faster). cpu-t: ratio of this process's CPU time "
+                      "(robust to other processes sharing the cores), median (min–max) of the per-repeat ratios; "
+                      "TTFT: time to first token inside generate() (as `vlm-accel compare` times its prefill); "
+                      "decode: one decode step timed directly inside generate(); LM-only: prefill minus the vision "
+                      "tower; peak memory is not measured on CPU")  # fmt: skip
 
 
 def _int_list(text: str) -> tuple[int, ...]:

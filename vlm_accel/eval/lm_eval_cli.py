@@ -19,12 +19,19 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 HELP = "evaluate with lm-eval (all lm-eval options; model 'vlm-accel' registered, testbed tasks included)"
+LM_EVAL_MISSING = (
+    "vlm-accel eval needs lm-eval, which is not installed: pip install 'lm-eval>=0.4.13,<0.5' "
+    "(or reinstall vlm-accel: pip install -e .)"
+)
 
 
 def testbed_tasks_dir() -> Path | None:
@@ -55,6 +62,58 @@ def _include_paths(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
+class KnownNoise(logging.Filter):
+    """Drops lm-eval warnings that are expected for this wrapper and say nothing about the run: the per-task
+    "Custom kwargs can be passed to --metadata" notice of the shipped testbed tasks (one per task, five for the
+    group) and "HF model type is neither marked as CausalLM or Seq2SeqLM" for the VLM this wrapper loads itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Custom kwargs can be passed to `--metadata`" in message and message.startswith("vlm_accel_testbed"):
+            return False
+        return "HF model type is neither marked as CausalLM or Seq2SeqLM" not in message
+
+
+NOISY_LOGGERS = ("lm_eval.api.task", "lm_eval.models.huggingface")
+
+
+@contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """:class:`KnownNoise` on lm-eval's loggers and :func:`quiet_git_hash`, for one run."""
+    noise = KnownNoise()
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(noise)
+    try:
+        with quiet_git_hash():
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)
+
+
+@contextmanager
+def quiet_git_hash() -> Iterator[None]:
+    """lm-eval records ``git describe --always`` of the working directory in its results and lets git print
+    ``fatal: not a git repository`` when there is none; run the same command with git's stderr captured."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.get_git_commit_hash
+
+    def git_hash() -> str | None:
+        try:
+            done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout.strip() or None
+
+    evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
 def run_lm_eval(argv: Sequence[str]) -> int:
     """Register the ``vlm-accel`` model, then run lm-eval's CLI on ``argv``.
 
@@ -71,8 +130,15 @@ def run_lm_eval(argv: Sequence[str]) -> int:
         return 2
     if num_processes > 1:  # data parallel: relaunch in N processes (accelerate / torchrun), then lm-eval shards
         return launch(num_processes, argv)
-    from lm_eval._cli import HarnessCLI
-    from lm_eval.utils import setup_logging
+    try:
+        from lm_eval._cli import HarnessCLI
+        from lm_eval.utils import setup_logging
+    except ModuleNotFoundError as err:
+        if err.name and err.name.split(".")[0] == "lm_eval":
+            from vlm_accel.cli import MissingExtra
+
+            raise MissingExtra(LM_EVAL_MISSING) from None
+        raise
 
     import vlm_accel.eval.lm_eval_model  # noqa: F401  (registers the model)
 
@@ -87,7 +153,8 @@ def run_lm_eval(argv: Sequence[str]) -> int:
             paths = _include_paths(args)
             if paths:
                 args.include_path = paths if len(paths) > 1 else paths[0]
-        parser.execute(args)
+        with quiet_lm_eval():
+            parser.execute(args)
     except SystemExit as exit_:  # argparse --help / errors
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)
@@ -114,7 +181,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_lm_eval(sys.argv[1:] if argv is None else argv)
+    from vlm_accel.cli import MissingExtra
+
+    try:
+        return run_lm_eval(sys.argv[1:] if argv is None else argv)
+    except MissingExtra as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

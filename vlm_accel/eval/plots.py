@@ -88,11 +88,16 @@ def pareto_plot(
     y: str = "accuracy",
     series: str = "method",
     title: str | None = None,
+    x_range: str | None = None,
+    y_err: str | None = None,
 ) -> Path:
     """Accuracy vs speed (or keep ratio), one series per method, with the overall Pareto front dashed.
 
     ``rows``: dicts with at least ``rows[i][x]``, ``rows[i][y]`` and ``rows[i][series]`` (e.g. ``{"method":
-    "fastv", "keep_ratio": 0.25, "speedup": 1.8, "accuracy": 0.71}``); an optional ``label`` annotates a point.
+    "fastv", "keep_ratio": 0.25, "speedup": 1.8, "accuracy": 0.71}``). Optional per row: ``label`` annotates the
+    point (e.g. its keep ratio); ``rows[i][x_range]`` = ``(low, high)`` and ``rows[i][y_err]`` (a half-width) draw
+    error bars. Each series' line joins its points in x order. The front joins the points no other point beats on
+    both axes (medians; the error bars show which of its points are within noise of the others).
     For ``x="keep_ratio"`` the axis is reversed (less kept = further right), so up-and-right is better either way.
     """
     if not rows:
@@ -102,17 +107,25 @@ def pareto_plot(
         if missing:
             raise ValueError(f"pareto_plot row {i} lacks {missing}: {row}")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = plt.subplots(figsize=(8.0, 5.6))
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[str(row[series])].append(row)
     for name, items in groups.items():
         items = sorted(items, key=lambda r: float(r[x]))
-        ax.plot([float(r[x]) for r in items], [float(r[y]) for r in items], marker="o", label=name)
-        for r in items:
-            if r.get("label") and str(r["label"]) != name:  # annotate only labels that add something
-                ax.annotate(str(r["label"]), (float(r[x]), float(r[y])), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")  # fmt: skip
+        xs, ys = [float(r[x]) for r in items], [float(r[y]) for r in items]
+        xerr = None
+        if x_range and all(r.get(x_range) for r in items):
+            xerr = [[max(0.0, v - float(r[x_range][0])) for v, r in zip(xs, items)],
+                    [max(0.0, float(r[x_range][1]) - v) for v, r in zip(xs, items)]]  # fmt: skip
+        yerr = [float(r[y_err]) for r in items] if y_err and all(r.get(y_err) is not None for r in items) else None
+        line = ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", markersize=4, capsize=2, elinewidth=0.8,
+                           label=name)  # fmt: skip
+        color = line[0].get_color()
+        for r, px, py in zip(items, xs, ys):
+            if r.get("label"):
+                ax.annotate(str(r["label"]), (px, py), fontsize=6.5, xytext=(4, 3), textcoords="offset points",
+                            color=color)  # fmt: skip
     sign = -1.0 if x == "keep_ratio" else 1.0
     points = [(sign * float(r[x]), float(r[y])) for r in rows]
     front = pareto_front(points)
@@ -120,10 +133,10 @@ def pareto_plot(
             linewidth=0.8, label="Pareto front")  # fmt: skip
     if x == "keep_ratio":
         ax.invert_xaxis()
-    ax.set_xlabel(x.replace("_", " "))
+    ax.set_xlabel(x.replace("_", " ").replace("speedup", "speed-up (×, > 1 faster)"))
     ax.set_ylabel(y.replace("_", " "))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
