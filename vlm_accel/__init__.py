@@ -24,6 +24,8 @@ _EXPORTS: dict[str, str] = {
     "DyVTEConfig": "vlm_accel.methods.dyvte",
     "FastVConfig": "vlm_accel.methods.fastv",
     "GIFTConfig": "vlm_accel.methods.gift",
+    "MoHConfig": "vlm_accel.methods.moh",
+    "RandomHeadsConfig": "vlm_accel.methods.random_heads",
     "PAIConfig": "vlm_accel.methods.pai",
     "PAINTConfig": "vlm_accel.methods.paint",
     "PoolConfig": "vlm_accel.methods.pool",
@@ -39,6 +41,8 @@ __all__ = [
     "DyVTEConfig",
     "FastVConfig",
     "GIFTConfig",
+    "MoHConfig",
+    "RandomHeadsConfig",
     "PAIConfig",
     "PAINTConfig",
     "PoolConfig",
@@ -63,9 +67,11 @@ if TYPE_CHECKING:
     from vlm_accel.methods.dyvte import DyVTEConfig
     from vlm_accel.methods.fastv import FastVConfig
     from vlm_accel.methods.gift import GIFTConfig
+    from vlm_accel.methods.moh import MoHConfig
     from vlm_accel.methods.pai import PAIConfig
     from vlm_accel.methods.paint import PAINTConfig
     from vlm_accel.methods.pool import PoolConfig
+    from vlm_accel.methods.random_heads import RandomHeadsConfig
     from vlm_accel.methods.random_prune import RandomPruneConfig
     from vlm_accel.methods.sgl import SGLConfig
     from vlm_accel.patches import supported_model_types
