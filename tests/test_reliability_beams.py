@@ -88,3 +88,32 @@ def test_beam_search_matches_the_masked_reference():
     with patch_model(model, "fastv", layer=layer, keep_ratio=ratio):
         tokens = model.generate(**inputs, **settings)
     assert torch.equal(tokens, expected)
+
+
+def test_reorder_permutes_per_generation_method_state_rows():
+    """Per-generation method state follows the beams: tensors whose first dimension is the batch are permuted with
+    the rows, anything else stays as it is."""
+    from vlm_accel.runtime.beams import reorder_record
+    from vlm_accel.runtime.state import PlanRecord
+
+    owner = object()
+    scores = torch.arange(6.0).view(3, 2)
+    record = PlanRecord([], 0, 2, torch.zeros(3, 2, dtype=torch.bool), {owner: {"scores": scores, "alpha": 2.0}})
+    reorder_record(record, torch.tensor([2, 0, 0]))
+    assert torch.equal(record.method_state[owner]["scores"], scores[[2, 0, 0]])
+    assert record.method_state[owner]["alpha"] == 2.0
+
+
+def test_beam_search_with_stateful_methods_gives_each_sample_what_it_gives_alone():
+    """GIFT keeps its saliency per generation and DyVTE its exits: under beam search (with FastV pruning) a batch
+    gives each sample what it gives alone (was: refused)."""
+    from vlm_accel import DyVTEConfig, FastVConfig, GIFTConfig
+
+    model, rows = _model_and_rows("llava")
+    settings = dict(max_new_tokens=4, min_new_tokens=4, num_beams=2, do_sample=False)
+    for configs in ([FastVConfig(layer=1, keep_ratio=0.5), GIFTConfig()], [DyVTEConfig(exit_layer=1)]):
+        with torch.no_grad(), patch_model(model, configs):
+            together = model.generate(**batch_inputs(model, rows), **settings)
+            for i, row in enumerate(rows):
+                alone = model.generate(**batch_inputs(model, [row]), **settings)
+                assert torch.equal(together[i, -4:], alone[0, -4:])

@@ -6,8 +6,10 @@ length). The record the prefill left on the cache (:class:`~vlm_accel.runtime.st
 tensors too — each stage's kept window positions and the prompt's visual mask — so the same permutation is applied
 to them, and decode steps keep remapping each row's mask columns to what *that row's* cache holds.
 
-Per-generation method state (``ForwardState.generation_state``) has no row layout the runtime knows; a method that
-keeps any is refused under beam reordering with a clear error rather than read on the wrong rows.
+Per-generation method state (``ForwardState.generation_state``) follows the same rule: every tensor in it whose
+first dimension is the batch (DyVTE's exits, SGL's guide scores, GIFT's saliency, PAINT's token categories — all
+``[B, ...]``) is permuted with the rows; anything else (scalars, flags) must not depend on the row, which is the
+contract for methods (``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 
 import torch
 
-from vlm_accel.runtime.checks import RUNTIME_FLAGS
 from vlm_accel.runtime.plan import KeepPlan
 from vlm_accel.runtime.state import CACHE_ATTRIBUTE, PlanRecord
 
@@ -25,12 +26,11 @@ _WRAPPED = "_vlm_accel_follows_beams"
 
 def reorder_record(record: PlanRecord, beam_idx: torch.Tensor) -> None:
     """Permute the record's per-row tensors as ``reorder_cache(beam_idx)`` permutes the cache's rows."""
-    for key, value in record.method_state.items():
-        if key != RUNTIME_FLAGS and value:
-            name = getattr(key, "name", type(key).__name__)
-            raise ValueError(
-                f"{name}: beam search cannot follow this method's per-generation state; use greedy or sampling"
-            )
+    rows = beam_idx.numel()
+    for values in record.method_state.values():
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows:
+                values[name] = value.index_select(0, beam_idx.to(value.device))
     for stage in record.stages:
         plan = stage.plan
         index = beam_idx.to(plan.index.device)
