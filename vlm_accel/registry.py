@@ -22,6 +22,7 @@ _BUILTIN_METHODS: dict[str, str] = {
     "pai": "vlm_accel.methods.pai:PAI",
     "paint": "vlm_accel.methods.paint:PAINT",
     "gift": "vlm_accel.methods.gift:GIFT",
+    "ttf": "vlm_accel.methods.ttf:TTF",
 }
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -7,6 +7,14 @@ Qwen2.5-VL ``visual.merger``). ``"pre_projector"`` hooks its input (the tower's 
 ``"post_projector"`` its output (the tokens that replace the placeholders). Both run inside the base model's forward,
 so the current :class:`~vlm_accel.runtime.state.ForwardState` is open. ``call_index`` counts projector calls in this
 forward (Qwen2-VL runs images, then videos).
+
+Skipping the tower (opt-in, :meth:`Method.reuse_images`): forward hooks cannot skip a forward, so when a method
+overrides ``reuse_images`` the runtime shadows the base model's ``get_image_features`` with an instance attribute
+(deleted again on removal, so the class method is back untouched). Per call, the method names for each image either
+"encode it", "reuse image ``j``'s features of this call" or "use these post-projector features"; the tower and the
+projector then run only on the images to encode (``pixel_values[encode]``), and the hooks above see only those
+(``VisualFeatures.images``). Supported where the images are independent rows of ``pixel_values`` with no
+``image_sizes`` (LLaVA-1.5); elsewhere every image is encoded.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 if TYPE_CHECKING:
     from vlm_accel.runtime.engine import Runtime
@@ -42,6 +51,25 @@ class VisualFeatures:
     call_index: int
     pixel_inputs: dict[str, Any]
     vision_taps: dict[int, torch.Tensor]
+    images: torch.Tensor | None = None  # indices of the call's images these features belong to (None: all)
+
+
+@dataclass
+class ImageReuse:
+    """Per image of a call (in ``pixel_values`` order): ``None`` = encode it; an int ``j < i`` = reuse image ``j``'s
+    post-projector features of this call; a tensor ``[tokens, d_text]`` = use it as image ``i``'s post-projector
+    features. Images that are not encoded never reach the vision tower or the projector."""
+
+    sources: list[int | torch.Tensor | None]
+
+    @property
+    def encoded(self) -> list[int]:
+        return [i for i, source in enumerate(self.sources) if source is None]
+
+
+def _wants(method: object, where: str) -> bool:
+    at = getattr(method, "visual_features_at", None)
+    return at == where or (isinstance(at, tuple) and where in at)
 
 
 def projector(model: nn.Module) -> nn.Module | None:
@@ -73,11 +101,16 @@ class VisionHooks:
     def install(self) -> None:
         methods = self.runtime.methods
         model = self.runtime.model
-        wanted = {m.visual_features_at for m in methods} - {None}
+        wanted = set()
+        for method in methods:
+            at = method.visual_features_at
+            wanted |= set(at) if isinstance(at, tuple) else {at}
+        wanted -= {None}
         bad = wanted - {"pre_projector", "post_projector"}
         if bad:
             raise ValueError(f"visual_features_at must be 'pre_projector' or 'post_projector', got {sorted(bad)}")
         taps = sorted({i for m in methods for i in m.vision_tap_layers()})
+        self._install_image_reuse()
         if not wanted and not taps:
             return
         module = projector(model)
@@ -101,6 +134,59 @@ class VisionHooks:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        base = self.runtime.model.model
+        if getattr(base.__dict__.get("get_image_features"), "_vlm_accel_reuse", False):
+            del base.get_image_features  # the class method is visible again
+
+    # ------------------------------------------------------------------------------------------------ reuse
+
+    def _install_image_reuse(self) -> None:
+        from vlm_accel.methods.base import Method
+
+        reusing = [m for m in self.runtime.methods if type(m).reuse_images is not Method.reuse_images]
+        if not reusing:
+            return
+        base = self.runtime.model.model
+        if len(reusing) > 1:
+            raise ValueError(f"only one method may skip vision-tower images, got {[m.name for m in reusing]}")
+        if not hasattr(base, "get_image_features"):
+            raise ValueError(f"{self.runtime.model.config.model_type}: no get_image_features to skip images in")
+        original = base.get_image_features  # bound class method
+        method = reusing[0]
+
+        @functools.wraps(original)
+        def get_image_features(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            state = self.runtime.state
+            reuse = method.reuse_images(state) if state is not None else None
+            sliceable = torch.is_tensor(pixel_values) and pixel_values.dim() == 4 and kwargs.get("image_sizes") is None
+            if reuse is None or not sliceable or len(reuse.encoded) == len(reuse.sources):
+                return original(pixel_values, *args, **kwargs)
+            if len(reuse.sources) != pixel_values.shape[0]:
+                raise ValueError(
+                    f"{method.name}: reuse_images named {len(reuse.sources)} images for {pixel_values.shape[0]}"
+                )
+            encoded = reuse.encoded
+            state.memo["vision_images"] = torch.tensor(encoded, dtype=torch.long)
+            if encoded:
+                output = original(pixel_values[encoded], *args, **kwargs)
+                fresh = list(output.pooler_output)
+            else:
+                output, fresh = BaseModelOutputWithPooling(), []
+            features: list[torch.Tensor] = []
+            for i, source in enumerate(reuse.sources):
+                if source is None:
+                    features.append(fresh.pop(0))
+                elif isinstance(source, int):
+                    if not 0 <= source < i:
+                        raise ValueError(f"{method.name}: image {i} may reuse only an earlier image, got {source}")
+                    features.append(features[source])
+                else:
+                    features.append(source.to(device=pixel_values.device))
+            output.pooler_output = features
+            return output
+
+        get_image_features._vlm_accel_reuse = True
+        base.get_image_features = get_image_features
 
     # ------------------------------------------------------------------------------------------------ hooks
 
@@ -117,10 +203,11 @@ class VisionHooks:
         call_index = state.memo.get(key, 0)
         state.memo[key] = call_index + 1
         replaced = None
+        images = state.memo.get("vision_images")
         for method in self.runtime.methods:
-            if method.visual_features_at != where:
+            if not _wants(method, where):
                 continue
-            view = VisualFeatures(features, where, call_index, state.pixel_inputs, state.vision_taps)
+            view = VisualFeatures(features, where, call_index, state.pixel_inputs, state.vision_taps, images)
             new = method.on_visual_features(view, state)
             if new is not None:
                 if new.shape != features.shape:
