@@ -387,3 +387,21 @@ def test_noisy_frames_are_seeded_and_independent_per_frame():
     assert not np.array_equal(a[0], a[1])
     spread = float(np.abs(a[0].astype(float) - 130).mean())
     assert 3.0 < spread < 30.0
+
+
+def test_generate_encodes_images_inside_the_prefill_so_ttf_acts():
+    """transformers 5 generate() pre-encodes images before the prefill; the vision hooks make it encode them inside
+    the prefill instead, so the first generated step's logits equal the patched forward's last logits."""
+    m = model()
+    seq = frames(81, 3, changed=(4,))
+    inputs = batch([seq])
+    config = TTFConfig(keyframe_interval=3, pixel_threshold=0.05, save_compute=True)
+    with patch_model(m, config) as patch:
+        forward = logits(m, inputs)[:, -1]
+        dropped = patch.stats.methods["ttf"]["dropped"]
+        with torch.no_grad():
+            out = m.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)  # fmt: skip
+        assert patch.stats.methods["ttf"]["dropped"] == 2 * dropped > 0
+    torch.testing.assert_close(out.logits[0], forward, rtol=0, atol=ATOL)
+    assert "_prepare_multimodal_encoder_kwargs_for_generation" not in m.__dict__

@@ -30,6 +30,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 if TYPE_CHECKING:
     from vlm_accel.runtime.engine import Runtime
 
+_PRE_ENCODE = "_prepare_multimodal_encoder_kwargs_for_generation"
+
 PIXEL_INPUT_NAMES = (
     "pixel_values",
     "pixel_values_videos",
@@ -110,7 +112,9 @@ class VisionHooks:
         if bad:
             raise ValueError(f"visual_features_at must be 'pre_projector' or 'post_projector', got {sorted(bad)}")
         taps = sorted({i for m in methods for i in m.vision_tap_layers()})
-        self._install_image_reuse()
+        reusing = self._install_image_reuse()
+        if wanted or taps or reusing:
+            self._encode_inside_forward()
         if not wanted and not taps:
             return
         module = projector(model)
@@ -137,15 +141,37 @@ class VisionHooks:
         base = self.runtime.model.model
         if getattr(base.__dict__.get("get_image_features"), "_vlm_accel_reuse", False):
             del base.get_image_features  # the class method is visible again
+        model = self.runtime.model
+        if getattr(model.__dict__.get(_PRE_ENCODE), "_vlm_accel_defer", False):
+            delattr(model, _PRE_ENCODE)
+
+    def _encode_inside_forward(self) -> None:
+        """Make ``generate()`` encode images inside the prefill forward, where the runtime's state is open.
+
+        transformers 5 ``generate()`` runs ``get_image_features`` *before* the prefill
+        (``_prepare_multimodal_encoder_kwargs_for_generation``) and hands the forward ``mm_encoder_outputs``; the
+        vision-side hooks would then fire with no forward state and no layout. Shadowing that step with a no-op
+        (an instance attribute, deleted on removal) leaves ``pixel_values`` in the prefill's kwargs, which the base
+        model then encodes itself — the same features, computed one call later.
+        """
+        model = self.runtime.model
+        if not hasattr(model, _PRE_ENCODE) or _PRE_ENCODE in model.__dict__:
+            return
+
+        def keep_pixels(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+            return model_kwargs
+
+        keep_pixels._vlm_accel_defer = True
+        setattr(model, _PRE_ENCODE, keep_pixels)
 
     # ------------------------------------------------------------------------------------------------ reuse
 
-    def _install_image_reuse(self) -> None:
+    def _install_image_reuse(self) -> bool:
         from vlm_accel.methods.base import Method
 
         reusing = [m for m in self.runtime.methods if type(m).reuse_images is not Method.reuse_images]
         if not reusing:
-            return
+            return False
         base = self.runtime.model.model
         if len(reusing) > 1:
             raise ValueError(f"only one method may skip vision-tower images, got {[m.name for m in reusing]}")
@@ -187,6 +213,7 @@ class VisionHooks:
 
         get_image_features._vlm_accel_reuse = True
         base.get_image_features = get_image_features
+        return True
 
     # ------------------------------------------------------------------------------------------------ hooks
 
