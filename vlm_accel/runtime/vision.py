@@ -138,8 +138,8 @@ class VisionHooks:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        base = self.runtime.model.model
-        if getattr(base.__dict__.get("get_image_features"), "_vlm_accel_reuse", False):
+        base = getattr(self.runtime.model, "model", None)
+        if getattr(vars(base).get("get_image_features") if base is not None else None, "_vlm_accel_reuse", False):
             del base.get_image_features  # the class method is visible again
         model = self.runtime.model
         if getattr(model.__dict__.get(_PRE_ENCODE), "_vlm_accel_defer", False):
