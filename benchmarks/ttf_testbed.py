@@ -8,8 +8,9 @@ frame. Fresh seed (default 20261202); the testbed models never saw these frames.
   per call inside ``patch.stream()``; the answer of the last call is scored. Arms: unpatched, ``ttf`` (README
   defaults), ``ttf`` at the code's ``pixel_threshold=0.1``, and ``ttf(save_compute)``.
 * **clip** (several images in one prompt — out of the testbed's training distribution): all ``T`` frames in one
-  prompt, question about the last; arms: unpatched and ``ttf(save_compute)``; the share of visual tokens dropped
-  from the LLM (from layer 1 on) and the prefill CPU-time ratio, timed interleaved in this run.
+  prompt, question about the last; arms: unpatched and ``ttf(save_compute)`` with ``clip_keep="reused"`` and
+  ``"latest"``, one keyframe per clip; the share of visual tokens dropped from the LLM (from layer 1 on) and the
+  prefill CPU-time ratios, timed interleaved in this run.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/ttf_testbed.py [--n 100] [--frames 5] [--levels 0 1 2 3 4] [--part both]``.
 """
@@ -108,28 +109,28 @@ def run_clip(model, processor, dataset, config: TTFConfig | None, batch: int) ->
 
 
 @torch.no_grad()
-def clip_prefill_ratio(model, processor, dataset, config: TTFConfig, batch: int, rounds: int) -> dict:
-    """Prefill (one forward, no cache) CPU time of ``config`` over unpatched, interleaved round-robin."""
+def clip_prefill_ratios(model, processor, dataset, configs: dict[str, TTFConfig], batch: int, rounds: int) -> dict:
+    """Prefill (one forward, no cache) CPU time of each config over unpatched, interleaved round-robin (round 0 is a
+    warm-up); the ratio's median and spread over rounds."""
     inputs = encode(processor, dataset[:batch], None)
-    times: dict[str, list[float]] = {"plain": [], "ttf": []}
+    arms: dict[str, TTFConfig | None] = {"plain": None, **configs}
+    times: dict[str, list[float]] = {name: [] for name in arms}
     for round_index in range(rounds + 1):
-        for arm in ("plain", "ttf"):
-            patch = patch_model(model, config) if arm == "ttf" else None
+        for name, config in arms.items():
+            patch = patch_model(model, config) if config is not None else None
             start = time.process_time()
             model(**inputs, use_cache=False)
             elapsed = time.process_time() - start
             if patch is not None:
                 patch.remove()
             if round_index:
-                times[arm].append(elapsed)
-    ratios = [t / p for t, p in zip(times["ttf"], times["plain"])]
-    return {
-        "plain_s": statistics.median(times["plain"]),
-        "ttf_s": statistics.median(times["ttf"]),
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-    }
+                times[name].append(elapsed)
+    out: dict = {"plain_s": statistics.median(times["plain"])}
+    for name in configs:
+        ratios = [t / p for t, p in zip(times[name], times["plain"])]
+        out[name] = {"s": statistics.median(times[name]), "ratio_median": statistics.median(ratios),
+                     "ratio_min": min(ratios), "ratio_max": max(ratios)}  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -162,15 +163,18 @@ def main() -> None:
                               if r["reused_share"] is not None else "") for name, r in result.items())  # fmt: skip
             print(f"stream level {level} {NOISE_LEVELS[level]}: {cells}", flush=True)
     if args.part in ("clip", "both"):
-        clip_config = TTFConfig(save_compute=True, keyframe_interval=args.clip_frames)
+        clip_configs = {
+            "ttf(save_compute)": TTFConfig(save_compute=True, keyframe_interval=args.clip_frames),
+            "ttf(save_compute, latest)": TTFConfig(save_compute=True, keyframe_interval=args.clip_frames,
+                                                   clip_keep="latest"),
+        }  # fmt: skip
         clean = list(make_frame_dataset(args.clip_n, args.seed, frames=args.clip_frames))
         for level in args.clip_levels:
             rows = noisy_rows(clean, level, args.seed)
-            result = {
-                "plain": run_clip(model, processor, rows, None, args.batch),
-                "ttf(save_compute)": run_clip(model, processor, rows, clip_config, args.batch),
-                "prefill": clip_prefill_ratio(model, processor, rows, clip_config, args.batch, args.rounds),
-            }
+            result = {"plain": run_clip(model, processor, rows, None, args.batch)}
+            for name, config in clip_configs.items():
+                result[name] = run_clip(model, processor, rows, config, args.batch)
+            result["prefill"] = clip_prefill_ratios(model, processor, rows, clip_configs, args.batch, args.rounds)
             report["clip"][level] = result
             print(f"clip level {level} {NOISE_LEVELS[level]}: {json.dumps(result)}", flush=True)
     if args.out is not None:

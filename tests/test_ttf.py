@@ -254,9 +254,11 @@ def tower_batches(m) -> tuple[list[int], object]:
     return sizes, handle
 
 
-def test_save_compute_clip_drops_reused_tokens_and_skips_static_frames():
-    """A clip whose third frame repeats the second: frame 2 is never encoded, every reused token leaves the LLM
-    from layer 1 on, and the logits equal the reference (fused features, reused tokens hidden from layer 1)."""
+@pytest.mark.parametrize("clip_keep", ["reused", "latest"])
+def test_save_compute_clip_drops_reused_tokens_and_skips_static_frames(clip_keep):
+    """A clip whose third frame repeats the second: frame 2 is never encoded, one copy of every reused token leaves
+    the LLM from layer 1 on (the reused copy, or with "latest" the earlier one), and the logits equal the reference
+    (fused features, dropped copies hidden from layer 1)."""
     m, eager = model(), model("eager")
     tau = 0.05
     seq = frames(41, 2, changed=(2,), jitter=0.0)
@@ -267,7 +269,11 @@ def test_save_compute_clip_drops_reused_tokens_and_skips_static_frames():
     assert int(r1.sum()) == 1
     features = torch.stack([fresh[0], torch.where(r1[:, None], fresh[1], fresh[0]), fresh[0]])
     features[2] = features[1]
-    reused = torch.cat([torch.zeros(TOKENS, dtype=torch.bool), ~r1, torch.ones(TOKENS, dtype=torch.bool)])
+    none, every = torch.zeros(TOKENS, dtype=torch.bool), torch.ones(TOKENS, dtype=torch.bool)
+    if clip_keep == "reused":
+        reused = torch.cat([none, ~r1, every])
+    else:  # frame 0's copies of what frame 1 reuses, frame 1's copies of what frame 2 reuses (all of it)
+        reused = torch.cat([~r1, every, none])
     keep = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
     keep[0, (inputs["input_ids"][0] == IMAGE_TOKEN).nonzero().flatten()[reused]] = False
     handle = eager.model.multi_modal_projector.register_forward_pre_hook(lambda module, args: (features,))
@@ -277,7 +283,8 @@ def test_save_compute_clip_drops_reused_tokens_and_skips_static_frames():
         handle.remove()
     sizes, tower = tower_batches(m)
     try:
-        with patch_model(m, TTFConfig(keyframe_interval=3, pixel_threshold=tau, save_compute=True)) as patch:
+        config = TTFConfig(keyframe_interval=3, pixel_threshold=tau, save_compute=True, clip_keep=clip_keep)
+        with patch_model(m, config) as patch:
             got = logits(m, inputs)
             stats = patch.stats
     finally:

@@ -31,7 +31,10 @@ Two ways to use it (``docs/methods/ttf.md``):
 ``save_compute=True`` (beyond the paper: the released code encodes every full frame and saves nothing): an image
 with no patch to recompute skips the vision tower and the projector (stream: the cached tokens are reused; clip: the
 previous frame's); in clip mode the reused tokens are also dropped from the language model from layer 1 on (layer 0
-is never shortened), kept tokens at their original positions.
+is never shortened), kept tokens at their original positions. A reused token equals the token of the frame before
+it, so which copy leaves is free: ``clip_keep="reused"`` (default) drops the reused copies (the later frames');
+``"latest"`` drops the earlier copies and keeps the one in the latest frame that still carries that token (the same
+number of tokens dropped; the last frame stays complete).
 
 Families: LLaVA-1.5 (``pixel_values [images, 3, H, W]``, one visual token per patch; ``"full"`` strategy's CLS token
 is always recomputed). Others raise :class:`~vlm_accel.errors.MethodNotApplicable`.
@@ -67,6 +70,7 @@ class TTFConfig(MethodConfig):
     top_k: int | float = 70 / 256
     attention_layer: int | float = 15 / 32
     save_compute: bool = False
+    clip_keep: str = "reused"
 
     def validate(self) -> None:
         check_int("keyframe_interval", self.keyframe_interval, low=1)
@@ -82,6 +86,8 @@ class TTFConfig(MethodConfig):
             raise ValueError(f"attention_layer as a depth fraction must be in [0, 1), got {self.attention_layer}")
         if not isinstance(self.save_compute, bool):
             raise TypeError(f"save_compute must be a bool, got {self.save_compute!r}")
+        if self.clip_keep not in ("reused", "latest"):
+            raise ValueError(f"clip_keep must be 'reused' or 'latest', got {self.clip_keep!r}")
 
     def label(self) -> str:
         return "ttf(save_compute)" if self.save_compute else "ttf"
@@ -304,8 +310,14 @@ class TTF(Method):
             return None
         reused = torch.zeros_like(state.layout.visual)
         per_row: dict[int, list[torch.Tensor]] = {}
-        for image, b in enumerate(plan.row_of_image):
-            per_row.setdefault(b, []).append(plan.reused(image))
+        images = plan.row_of_image
+        for image, b in enumerate(images):
+            if self.config.clip_keep == "reused":
+                drop = plan.reused(image)
+            else:  # the same token's earlier copy goes; the copy in the latest frame that still carries it stays
+                same_row_next = image + 1 < len(images) and images[image + 1] == b
+                drop = plan.reused(image + 1) if same_row_next else torch.zeros_like(plan.reused(image))
+            per_row.setdefault(b, []).append(drop)
         for b, masks in per_row.items():
             reused[b, plan.visual_positions[b]] = torch.cat(masks).to(reused.device)
         if not bool(reused.any()):
