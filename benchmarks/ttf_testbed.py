@@ -164,7 +164,8 @@ def main() -> None:
             print(f"stream level {level} {NOISE_LEVELS[level]}: {cells}", flush=True)
     if args.part in ("clip", "both"):
         clip_configs = {
-            "ttf(save_compute)": TTFConfig(save_compute=True, keyframe_interval=args.clip_frames),
+            "ttf(save_compute, reused)": TTFConfig(save_compute=True, keyframe_interval=args.clip_frames,
+                                                   clip_keep="reused"),
             "ttf(save_compute, latest)": TTFConfig(save_compute=True, keyframe_interval=args.clip_frames,
                                                    clip_keep="latest"),
         }  # fmt: skip

@@ -32,9 +32,9 @@ Two ways to use it (``docs/methods/ttf.md``):
 with no patch to recompute skips the vision tower and the projector (stream: the cached tokens are reused; clip: the
 previous frame's); in clip mode the reused tokens are also dropped from the language model from layer 1 on (layer 0
 is never shortened), kept tokens at their original positions. A reused token equals the token of the frame before
-it, so which copy leaves is free: ``clip_keep="reused"`` (default) drops the reused copies (the later frames');
-``"latest"`` drops the earlier copies and keeps the one in the latest frame that still carries that token (the same
-number of tokens dropped; the last frame stays complete).
+it, so which copy leaves is free: ``clip_keep="latest"`` (default) drops the earlier copies and keeps the one in the
+latest frame that still carries that token (the last frame stays complete); ``"reused"`` drops the reused copies in
+the later frames (the literal reading; 15 points worse on the testbed, docs/methods/ttf.md). Same count either way.
 
 Families: LLaVA-1.5 (``pixel_values [images, 3, H, W]``, one visual token per patch; ``"full"`` strategy's CLS token
 is always recomputed). Others raise :class:`~vlm_accel.errors.MethodNotApplicable`.
@@ -70,7 +70,7 @@ class TTFConfig(MethodConfig):
     top_k: int | float = 70 / 256
     attention_layer: int | float = 15 / 32
     save_compute: bool = False
-    clip_keep: str = "reused"
+    clip_keep: str = "latest"
 
     def validate(self) -> None:
         check_int("keyframe_interval", self.keyframe_interval, low=1)
