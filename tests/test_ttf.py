@@ -412,3 +412,16 @@ def test_generate_encodes_images_inside_the_prefill_so_ttf_acts():
         assert patch.stats.methods["ttf"]["dropped"] == 2 * dropped > 0
     torch.testing.assert_close(out.logits[0], forward, rtol=0, atol=ATOL)
     assert "_prepare_multimodal_encoder_kwargs_for_generation" not in m.__dict__
+
+
+def test_noisy_frame_dataset_keeps_scenes_and_questions():
+    import numpy as np
+
+    from vlm_accel.testbed import make_frame_dataset
+    from vlm_accel.testbed.frames import NOISE_LEVELS, make_noisy_frame_dataset
+
+    clean = make_frame_dataset(2, 5, frames=2)
+    noisy = make_noisy_frame_dataset(2, 5, NOISE_LEVELS[2], frames=2)
+    assert noisy["question"] == clean["question"] and noisy["answer"] == clean["answer"]
+    a, b = np.asarray(clean[0]["frames"][1], dtype=float), np.asarray(noisy[0]["frames"][1], dtype=float)
+    assert a.shape == b.shape and 2.0 < float(np.abs(a - b).mean()) < 20.0
