@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "PoolConfig": "vlm_accel.methods.pool",
     "RandomPruneConfig": "vlm_accel.methods.random_prune",
     "SGLConfig": "vlm_accel.methods.sgl",
+    "TTFConfig": "vlm_accel.methods.ttf",
     "supported_model_types": "vlm_accel.patches",
     "list_methods": "vlm_accel.registry",
     "register_method": "vlm_accel.registry",
@@ -47,6 +48,7 @@ __all__ = [
     "PAINTConfig",
     "PoolConfig",
     "SGLConfig",
+    "TTFConfig",
     "MethodConfig",
     "MethodNotApplicable",
     "Patch",
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
     from vlm_accel.methods.random_heads import RandomHeadsConfig
     from vlm_accel.methods.random_prune import RandomPruneConfig
     from vlm_accel.methods.sgl import SGLConfig
+    from vlm_accel.methods.ttf import TTFConfig
     from vlm_accel.patches import supported_model_types
     from vlm_accel.registry import list_methods, register_method
     from vlm_accel.runtime.stats import PatchStats

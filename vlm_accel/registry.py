@@ -24,6 +24,7 @@ _BUILTIN_METHODS: dict[str, str] = {
     "gift": "vlm_accel.methods.gift:GIFT",
     "moh": "vlm_accel.methods.moh:MoH",
     "random_heads": "vlm_accel.methods.random_heads:RandomHeads",
+    "ttf": "vlm_accel.methods.ttf:TTF",
 }
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -14,6 +14,8 @@ layers, hooks, masks, positions, cache, batch and padding. Hooks:
 - :meth:`Method.on_visual_features` — see and replace the visual features between the vision tower and the
   language model (before or after the projector, ``visual_features_at``), with the pixel inputs and any tapped
   vision-encoder layer inputs (``vision_tap_layers``) at hand (TTF, PAINT);
+- :meth:`Method.reuse_images` — let the vision tower skip some images of a call and reuse features instead
+  (another image's of the same call, or ones the method kept), opt-in (TTF's compute-saving mode);
 - :meth:`Method.wrap_generate` — wrap ``model.generate`` (e.g. logits processors, early exit).
 
 State: per-call state lives with the generation (``state.generation_state(self)``) or, across calls on purpose,
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from vlm_accel.runtime.engine import ModelContext
     from vlm_accel.runtime.plan import KeepPlan
     from vlm_accel.runtime.state import ForwardState, ScoreTap
-    from vlm_accel.runtime.vision import VisualFeatures
+    from vlm_accel.runtime.vision import ImageReuse, VisualFeatures
 
 
 @dataclass
@@ -111,8 +113,9 @@ class Method:
     #: ``generate`` wrappers nest by this rank: the highest is outermost and sees the caller's arguments untouched
     #: (SGL's guide runs there, before any wrapper adds logits processors for the large model).
     generate_rank: ClassVar[int] = 0
-    #: ``"pre_projector"`` / ``"post_projector"``: where :meth:`on_visual_features` sees the visual features.
-    visual_features_at: ClassVar[str | None] = None
+    #: ``"pre_projector"`` / ``"post_projector"`` (or a tuple of both): where :meth:`on_visual_features` sees the
+    #: visual features.
+    visual_features_at: ClassVar[str | tuple[str, ...] | None] = None
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):
@@ -177,6 +180,12 @@ class Method:
 
     def on_visual_features(self, features: VisualFeatures, state: ForwardState) -> torch.Tensor | None:
         """See the visual features at ``visual_features_at``; return replacement features (same shape) or None."""
+        return None
+
+    def reuse_images(self, state: ForwardState) -> ImageReuse | None:
+        """Before the vision tower runs on a call's images: which images it may skip, and what replaces their
+        post-projector features (:class:`~vlm_accel.runtime.vision.ImageReuse`); None encodes every image. The
+        runtime installs this path only for methods that override it."""
         return None
 
     def wrap_generate(self, generate: Callable[..., Any]) -> Callable[..., Any]:

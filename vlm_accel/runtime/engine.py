@@ -224,9 +224,6 @@ class Runtime:
                 pixel_inputs={k: kwargs[k] for k in PIXEL_INPUT_NAMES if kwargs.get(k) is not None},
                 stream=self.stream,
             )
-            vision_pass = self.vision.take_pass(kwargs.get("mm_encoder_outputs")) if record is None else None
-            if vision_pass is not None:
-                self.state.adopt_vision_pass(vision_pass)
             self.state.extras[CUSTOM_MASK] = custom_mask
             flags = self.state.generation_state(RUNTIME_FLAGS)
             if record is None:  # read once per generation, at prefill (decode steps may be compiled)

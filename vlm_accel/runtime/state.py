@@ -137,13 +137,6 @@ class ForwardState:
         """``method``'s state across calls of the open stream, or None outside ``patch.stream()``."""
         return None if self.stream is None else self.stream.for_method(method)
 
-    def adopt_vision_pass(self, vision_pass: Any) -> None:
-        """Take over what generate's encoder pass recorded (pixel inputs, vision taps, methods' state)."""
-        self.pixel_inputs.update(vision_pass.pixel_inputs)
-        self.vision_taps.update(vision_pass.vision_taps)
-        for method, values in vision_pass.generation.items():
-            self._generation.setdefault(method, {}).update(values)
-
     def new_record(self) -> PlanRecord:
         """The record a prefill leaves on its cache (the live ``stages`` list and generation state)."""
         return PlanRecord(self.stages, self.prefix_len, self.window_len, self.layout.visual, self._generation)

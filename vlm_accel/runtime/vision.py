@@ -1,32 +1,36 @@
 """The vision-side hook: methods see (and may replace) the visual features between the vision tower and the
 language model, with the call's pixel inputs and any tapped vision-encoder layer inputs at hand.
 
-When: inside the base model's forward (a plain ``model(...)`` call), or — in ``generate()`` — in the encoder pass
-that transformers 5 runs *before* the prefill (``get_image_features`` / ``get_video_features``, whose outputs reach
-the prefill as ``mm_encoder_outputs`` while the pixel kwargs are dropped). For that pass the hooks open a
-:class:`VisionPass` (the same ``generation_state`` / ``stream_state`` / ``pixel_inputs`` / ``vision_taps`` a method
-sees in a forward) and attach it to the encoder output; the prefill that receives the output adopts it, so state a
-method keeps in ``on_visual_features`` reaches its own generation and no other.
-
 Where: the family's projector module (LLaVA / NeXT / OneVision / InternVL ``multi_modal_projector``, Qwen2-VL /
 Qwen2.5-VL ``visual.merger``). ``"pre_projector"`` hooks its input (the tower's selected features — LLaVA-1.5:
 ``[images, patches, d_vision]``; Qwen2-VL: ``[patches, d_vision]`` flat over images, before the 2×2 merge);
 ``"post_projector"`` its output (the tokens that replace the placeholders). Both run inside the base model's forward,
 so the current :class:`~vlm_accel.runtime.state.ForwardState` is open. ``call_index`` counts projector calls in this
 forward (Qwen2-VL runs images, then videos).
+
+Skipping the tower (opt-in, :meth:`Method.reuse_images`): forward hooks cannot skip a forward, so when a method
+overrides ``reuse_images`` the runtime shadows the base model's ``get_image_features`` with an instance attribute
+(deleted again on removal, so the class method is back untouched). Per call, the method names for each image either
+"encode it", "reuse image ``j``'s features of this call" or "use these post-projector features"; the tower and the
+projector then run only on the images to encode (``pixel_values[encode]``), and the hooks above see only those
+(``VisualFeatures.images``). Supported where the images are independent rows of ``pixel_values`` with no
+``image_sizes`` (LLaVA-1.5); elsewhere every image is encoded.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 if TYPE_CHECKING:
     from vlm_accel.runtime.engine import Runtime
+
+_PRE_ENCODE = "_prepare_multimodal_encoder_kwargs_for_generation"
 
 PIXEL_INPUT_NAMES = (
     "pixel_values",
@@ -40,30 +44,6 @@ PIXEL_INPUT_NAMES = (
 )
 
 
-VISION_PASS_ATTRIBUTE = "_vlm_accel_vision_pass"
-ENCODER_FUNCTIONS = ("get_image_features", "get_video_features")
-
-
-@dataclass
-class VisionPass:
-    """What the vision hooks record when the encoder runs outside a base-model forward (generate's encoder pass).
-
-    Offers the part of :class:`~vlm_accel.runtime.state.ForwardState` a vision-side method uses."""
-
-    pixel_inputs: dict[str, Any]
-    stream: Any = None
-    vision_taps: dict[int, torch.Tensor] = field(default_factory=dict)
-    memo: dict[Any, Any] = field(default_factory=dict)
-    generation: dict[Any, dict[str, Any]] = field(default_factory=dict)
-    is_prefill: bool = True
-
-    def generation_state(self, method: object) -> dict[str, Any]:
-        return self.generation.setdefault(method, {})
-
-    def stream_state(self, method: object) -> dict[str, Any] | None:
-        return None if self.stream is None else self.stream.for_method(method)
-
-
 @dataclass
 class VisualFeatures:
     """Visual features at one point of the vision path of one forward."""
@@ -73,6 +53,25 @@ class VisualFeatures:
     call_index: int
     pixel_inputs: dict[str, Any]
     vision_taps: dict[int, torch.Tensor]
+    images: torch.Tensor | None = None  # indices of the call's images these features belong to (None: all)
+
+
+@dataclass
+class ImageReuse:
+    """Per image of a call (in ``pixel_values`` order): ``None`` = encode it; an int ``j < i`` = reuse image ``j``'s
+    post-projector features of this call; a tensor ``[tokens, d_text]`` = use it as image ``i``'s post-projector
+    features. Images that are not encoded never reach the vision tower or the projector."""
+
+    sources: list[int | torch.Tensor | None]
+
+    @property
+    def encoded(self) -> list[int]:
+        return [i for i, source in enumerate(self.sources) if source is None]
+
+
+def _wants(method: object, where: str) -> bool:
+    at = getattr(method, "visual_features_at", None)
+    return at == where or (isinstance(at, tuple) and where in at)
 
 
 def projector(model: nn.Module) -> nn.Module | None:
@@ -100,27 +99,24 @@ class VisionHooks:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.wrapped: list[str] = []  # encoder functions wrapped on the base model (instance attributes)
-        self.current_pass: VisionPass | None = None
-        # generate() runs its encoder pass right before its own prefill; when the encoder output is rebuilt on the
-        # way (accelerate's device alignment copies containers), the prefill takes the pass from here instead
-        self.last_pass: VisionPass | None = None
 
     def install(self) -> None:
         methods = self.runtime.methods
         model = self.runtime.model
-        wanted = {m.visual_features_at for m in methods} - {None}
+        wanted = set()
+        for method in methods:
+            at = method.visual_features_at
+            wanted |= set(at) if isinstance(at, tuple) else {at}
+        wanted -= {None}
         bad = wanted - {"pre_projector", "post_projector"}
         if bad:
             raise ValueError(f"visual_features_at must be 'pre_projector' or 'post_projector', got {sorted(bad)}")
         taps = sorted({i for m in methods for i in m.vision_tap_layers()})
+        reusing = self._install_image_reuse()
+        if wanted or taps or reusing:
+            self._encode_inside_forward()
         if not wanted and not taps:
             return
-        base = self.runtime.adapter.base_model(model)
-        for name in ENCODER_FUNCTIONS:
-            if hasattr(base, name) and name not in vars(base):
-                setattr(base, name, self._encoder_wrapper(getattr(base, name)))
-                self.wrapped.append(name)
         module = projector(model)
         if wanted and module is None:
             raise ValueError(f"{model.config.model_type}: no projector module found for the vision-side hook")
@@ -142,71 +138,103 @@ class VisionHooks:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        base = self.runtime.adapter.base_model(self.runtime.model)
-        for name in self.wrapped:
-            vars(base).pop(name, None)
-        self.wrapped.clear()
-        self.current_pass = self.last_pass = None
+        base = getattr(self.runtime.model, "model", None)
+        if getattr(vars(base).get("get_image_features") if base is not None else None, "_vlm_accel_reuse", False):
+            del base.get_image_features  # the class method is visible again
+        model = self.runtime.model
+        if getattr(model.__dict__.get(_PRE_ENCODE), "_vlm_accel_defer", False):
+            delattr(model, _PRE_ENCODE)
 
-    def _encoder_wrapper(self, encode):
-        @functools.wraps(encode)
-        def encode_with_state(*args: Any, **kwargs: Any) -> Any:
-            pixel_inputs = {k: v for k, v in kwargs.items() if k in PIXEL_INPUT_NAMES and v is not None}
-            if args and "pixel_values" not in pixel_inputs:
-                pixel_inputs[("pixel_values_videos" if encode.__name__ == "get_video_features" else "pixel_values")] = (
-                    args[0]
-                )
+    def _encode_inside_forward(self) -> None:
+        """Make ``generate()`` encode images inside the prefill forward, where the runtime's state is open.
+
+        transformers 5 ``generate()`` runs ``get_image_features`` *before* the prefill
+        (``_prepare_multimodal_encoder_kwargs_for_generation``) and hands the forward ``mm_encoder_outputs``; the
+        vision-side hooks would then fire with no forward state and no layout. Shadowing that step with a no-op
+        (an instance attribute, deleted on removal) leaves ``pixel_values`` in the prefill's kwargs, which the base
+        model then encodes itself — the same features, computed one call later.
+        """
+        model = self.runtime.model
+        if not hasattr(model, _PRE_ENCODE) or _PRE_ENCODE in model.__dict__:
+            return
+
+        def keep_pixels(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+            return model_kwargs
+
+        keep_pixels._vlm_accel_defer = True
+        setattr(model, _PRE_ENCODE, keep_pixels)
+
+    # ------------------------------------------------------------------------------------------------ reuse
+
+    def _install_image_reuse(self) -> bool:
+        from vlm_accel.methods.base import Method
+
+        reusing = [m for m in self.runtime.methods if type(m).reuse_images is not Method.reuse_images]
+        if not reusing:
+            return False
+        base = self.runtime.model.model
+        if len(reusing) > 1:
+            raise ValueError(f"only one method may skip vision-tower images, got {[m.name for m in reusing]}")
+        if not hasattr(base, "get_image_features"):
+            raise ValueError(f"{self.runtime.model.config.model_type}: no get_image_features to skip images in")
+        original = base.get_image_features  # bound class method
+        method = reusing[0]
+
+        @functools.wraps(original)
+        def get_image_features(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             state = self.runtime.state
-            if state is not None:  # inside a base-model forward: record into its state
-                state.pixel_inputs.update(pixel_inputs)
-                return encode(*args, **kwargs)
-            self.current_pass = VisionPass(pixel_inputs, stream=self.runtime.stream)
-            try:
-                output = encode(*args, **kwargs)
-            finally:
-                vision_pass, self.current_pass = self.current_pass, None
-            self.last_pass = vision_pass
-            try:
-                setattr(output, VISION_PASS_ATTRIBUTE, vision_pass)
-            except AttributeError:  # an output type that takes no attributes: the prefill uses last_pass
-                pass
+            reuse = method.reuse_images(state) if state is not None else None
+            sliceable = torch.is_tensor(pixel_values) and pixel_values.dim() == 4 and kwargs.get("image_sizes") is None
+            if reuse is None or not sliceable or len(reuse.encoded) == len(reuse.sources):
+                return original(pixel_values, *args, **kwargs)
+            if len(reuse.sources) != pixel_values.shape[0]:
+                raise ValueError(
+                    f"{method.name}: reuse_images named {len(reuse.sources)} images for {pixel_values.shape[0]}"
+                )
+            encoded = reuse.encoded
+            state.memo["vision_images"] = torch.tensor(encoded, dtype=torch.long)
+            if encoded:
+                output = original(pixel_values[encoded], *args, **kwargs)
+                fresh = list(output.pooler_output)
+            else:
+                output, fresh = BaseModelOutputWithPooling(), []
+            features: list[torch.Tensor] = []
+            for i, source in enumerate(reuse.sources):
+                if source is None:
+                    features.append(fresh.pop(0))
+                elif isinstance(source, int):
+                    if not 0 <= source < i:
+                        raise ValueError(f"{method.name}: image {i} may reuse only an earlier image, got {source}")
+                    features.append(features[source])
+                else:
+                    features.append(source.to(device=pixel_values.device))
+            output.pooler_output = features
             return output
 
-        return encode_with_state
-
-    def take_pass(self, encoder_outputs: Any) -> VisionPass | None:
-        """The encoder pass whose outputs a prefill received (``mm_encoder_outputs``), if the hooks recorded one."""
-        if not encoder_outputs:
-            return None
-        found = None
-        for output in encoder_outputs.values() if isinstance(encoder_outputs, dict) else ():
-            found = getattr(output, VISION_PASS_ATTRIBUTE, None) or found
-        found, self.last_pass = found or self.last_pass, None
-        return found
-
-    def _target(self) -> Any:
-        """Where hooks record: the open forward's state, or generate's encoder pass."""
-        return self.runtime.state if self.runtime.state is not None else self.current_pass
+        get_image_features._vlm_accel_reuse = True
+        base.get_image_features = get_image_features
+        return True
 
     # ------------------------------------------------------------------------------------------------ hooks
 
     def _tap(self, index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
-        state = self._target()
+        state = self.runtime.state
         if state is not None:
             state.vision_taps[index] = args[0] if args else kwargs["hidden_states"]
 
     def _run(self, features: torch.Tensor, where: str) -> torch.Tensor | None:
-        state = self._target()
+        state = self.runtime.state
         if state is None:
             return None
         key = ("vision_calls", where)
         call_index = state.memo.get(key, 0)
         state.memo[key] = call_index + 1
         replaced = None
+        images = state.memo.get("vision_images")
         for method in self.runtime.methods:
-            if method.visual_features_at != where:
+            if not _wants(method, where):
                 continue
-            view = VisualFeatures(features, where, call_index, state.pixel_inputs, state.vision_taps)
+            view = VisualFeatures(features, where, call_index, state.pixel_inputs, state.vision_taps, images)
             new = method.on_visual_features(view, state)
             if new is not None:
                 if new.shape != features.shape:

@@ -1,0 +1,362 @@
+"""TTF — Liu et al., "Temporal Token Fusion via Pixel-Attention Integration for Vision-Language-Action Models"
+(arXiv 2508.19257, AAAI 2026; official code ``PKU-XLab/TTF-VLA``, ``experiments/robot/aptube_manager.py``).
+
+For frame ``t`` of a stream (or of a clip), per patch ``p`` of the vision grid (the released hybrid rule):
+
+- **keyframe** when ``t % keyframe_interval == 0`` (and at the first frame): fresh tokens everywhere;
+- **pixel test**: ``Y = 0.299R + 0.587G + 0.114B`` of the processor-normalised frame, ``d_p`` = mean of
+  ``|Y_t − Y_{t−1}|`` over the patch; *dynamic* if ``d_p > pixel_threshold``;
+- **attention test**: the previous step's attention from the instruction's text rows (every text token after the
+  image) to the visual columns at one LLM layer, mean over heads and rows → ``r_p``; *relevant* if
+  ``p ∈ TopK(r, top_k)``. Computed as a score tap under SDPA (:mod:`vlm_accel.runtime.scores`), never by switching
+  the model to eager. With no previous attention the frame is recomputed in full (the code's fallback);
+- **hybrid**: recompute ``p`` if dynamic or relevant, else reuse the cached token — *hard fusion at the vision
+  output, before the projector* — and the cache holds the fused tokens until the next keyframe.
+
+Defaults (the config's, for any grid and depth): ``keyframe_interval=3``, ``pixel_threshold=0.03``,
+``top_k=70/256`` (a fraction of the patch grid; an int is a count), ``attention_layer=15/32`` (a depth fraction:
+layer ``⌊f·L⌋``; an int is a layer index) — the README's LIBERO command for OpenVLA-7B (32 layers, 16×16 grid).
+The code's own defaults are ``keyframe_interval=5``, ``patch_diff_threshold=0.1``, ``attention_top_k=120``
+(= ``120/256``), ``attention_layer_id=15``. The README also passes ``fusion_mode "attention_guided"``, which the code
+rejects; TTF is its ``"hybrid"`` mode, implemented here. Thresholds are on normalised pixels (they depend on the
+processor's mean/std).
+
+Two ways to use it (``docs/methods/ttf.md``):
+
+- **stream**: inside ``with patch.stream():`` one frame per call and per batch row (row ``b`` is stream ``b``);
+  ``patch.reset()`` starts an episode. Frame ``t`` fuses with frame ``t−1`` of the same row.
+- **clip**: outside a stream, a row's images are consecutive frames; frame ``j`` fuses with frame ``j−1``.
+  There is no previous step in one prompt, so the attention test is off (pixel test only): a deviation, stated.
+
+``save_compute=True`` (beyond the paper: the released code encodes every full frame and saves nothing): an image
+with no patch to recompute skips the vision tower and the projector (stream: the cached tokens are reused; clip: the
+previous frame's); in clip mode the reused tokens are also dropped from the language model from layer 1 on (layer 0
+is never shortened), kept tokens at their original positions. A reused token equals the token of the frame before
+it, so which copy leaves is free: ``clip_keep="latest"`` (default) drops the earlier copies and keeps the one in the
+latest frame that still carries that token (the last frame stays complete); ``"reused"`` drops the reused copies in
+the later frames (the literal reading; 15 points worse on the testbed, docs/methods/ttf.md). Same count either way.
+
+Families: LLaVA-1.5 (``pixel_values [images, 3, H, W]``, one visual token per patch; ``"full"`` strategy's CLS token
+is always recomputed). Others raise :class:`~vlm_accel.errors.MethodNotApplicable`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from vlm_accel.config import MethodConfig, check_int, check_number
+from vlm_accel.errors import MethodNotApplicable
+from vlm_accel.methods.base import KIND_SELECTION, Method, ScoreRequest
+from vlm_accel.methods.ttf_fusion import fuse, grayscale, patch_difference, recompute_mask, top_k_mask
+from vlm_accel.runtime.plan import KeepPlan
+from vlm_accel.runtime.sequence import relative_positions
+from vlm_accel.runtime.state import ForwardState, ScoreTap
+from vlm_accel.runtime.vision import ImageReuse, VisualFeatures
+
+SUPPORTED_FAMILIES = ("llava",)
+
+
+@dataclass
+class TTFConfig(MethodConfig):
+    """See the module docstring. ``keyframe_interval=1`` makes every frame a keyframe: the unpatched model."""
+
+    method_name: ClassVar[str] = "ttf"
+    keyframe_interval: int = 3
+    pixel_threshold: float = 0.03
+    top_k: int | float = 70 / 256
+    attention_layer: int | float = 15 / 32
+    save_compute: bool = False
+    clip_keep: str = "latest"
+
+    def validate(self) -> None:
+        check_int("keyframe_interval", self.keyframe_interval, low=1)
+        if check_number("pixel_threshold", self.pixel_threshold) < 0:
+            raise ValueError(f"pixel_threshold must be >= 0, got {self.pixel_threshold}")
+        if isinstance(self.top_k, int) and not isinstance(self.top_k, bool):
+            check_int("top_k", self.top_k, low=0)
+        elif not 0.0 <= check_number("top_k", self.top_k) <= 1.0:
+            raise ValueError(f"top_k as a fraction of the patch grid must be in [0, 1], got {self.top_k}")
+        if isinstance(self.attention_layer, int) and not isinstance(self.attention_layer, bool):
+            check_int("attention_layer", self.attention_layer, low=0)
+        elif not 0.0 <= check_number("attention_layer", self.attention_layer) < 1.0:
+            raise ValueError(f"attention_layer as a depth fraction must be in [0, 1), got {self.attention_layer}")
+        if not isinstance(self.save_compute, bool):
+            raise TypeError(f"save_compute must be a bool, got {self.save_compute!r}")
+        if self.clip_keep not in ("reused", "latest"):
+            raise ValueError(f"clip_keep must be 'reused' or 'latest', got {self.clip_keep!r}")
+
+    def label(self) -> str:
+        return "ttf(save_compute)" if self.save_compute else "ttf"
+
+    def top_k_count(self, patches: int) -> int:
+        if isinstance(self.top_k, int):
+            return min(self.top_k, patches)
+        return min(patches, int(math.floor(self.top_k * patches + 0.5)))
+
+
+@dataclass
+class FramePlan:
+    """What TTF decided for the images of one prefill (committed to the stream state at the forward's end)."""
+
+    stream: bool
+    row_of_image: list[int]
+    keyframe: list[bool]
+    recompute: torch.Tensor  # bool [images, tokens per image] (a CLS slot is always True)
+    gray: torch.Tensor  # [images, H, W]
+    visual_positions: list[torch.Tensor]  # per row: window positions of its visual tokens, in order
+    fused: dict[int, torch.Tensor] = field(default_factory=dict)  # image -> fused pre-projector tokens
+    projected: dict[int, torch.Tensor] = field(default_factory=dict)  # image -> post-projector tokens
+    relevance: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> [P] from this call's attention
+
+    def reused(self, image: int) -> torch.Tensor:
+        return ~self.recompute[image]
+
+
+class TTF(Method):
+    config_cls = TTFConfig
+    config: TTFConfig
+    kind_rank = KIND_SELECTION  # it may drop reused tokens (save_compute, clip mode) at layer 1
+    visual_features_at = ("pre_projector", "post_projector")
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__(config)
+        self.changes_length = self.config.save_compute  # only the compute-saving mode shortens the sequence
+        self._counts = {"frames": 0, "keyframes": 0, "patches": 0, "reused": 0, "images_skipped": 0, "dropped": 0}
+
+    @classmethod
+    def noop_config(cls) -> TTFConfig:
+        return TTFConfig(keyframe_interval=1)
+
+    # ------------------------------------------------------------------------------------------------ binding
+
+    def bind(self, ctx) -> None:
+        super().bind(ctx)
+        config = ctx.model.config
+        if ctx.model_type not in SUPPORTED_FAMILIES:
+            raise MethodNotApplicable(
+                f"ttf supports {SUPPORTED_FAMILIES} (pixel_values [images, 3, H, W], one visual token per patch); "
+                f"got model_type {ctx.model_type!r}"
+            )
+        self.patch = int(config.vision_config.patch_size)
+        self.has_cls = config.vision_feature_select_strategy == "full"
+        layer = self.config.attention_layer
+        if isinstance(layer, int):
+            if layer >= ctx.num_layers:
+                raise ValueError(f"ttf: attention_layer={layer} is out of range for {ctx.num_layers} layers")
+            self.layer = layer
+        else:
+            self.layer = min(ctx.num_layers - 1, int(math.floor(layer * ctx.num_layers)))
+        if self.config.save_compute and ctx.num_layers < 2:
+            raise ValueError("ttf: save_compute drops tokens from layer 1 on; this model has one layer")
+
+    # ------------------------------------------------------------------------------------------------ planning
+
+    def _plan(self, state: ForwardState) -> FramePlan | None:
+        return state.memo.get((id(self), "plan"))
+
+    def on_forward_start(self, state: ForwardState, inputs: dict[str, Any]) -> None:
+        pixels = inputs.get("pixel_values")
+        if self.config.keyframe_interval == 1 or not state.is_prefill or pixels is None:
+            return
+        if not state.layout.any_visual:
+            return
+        if not torch.is_tensor(pixels) or pixels.dim() != 4:
+            raise ValueError("ttf: needs pixel_values [images, 3, H, W] (LLaVA-1.5 style), one entry per image")
+        height, width = pixels.shape[-2:]
+        if height % self.patch or width % self.patch:
+            raise ValueError(f"ttf: image size {height}×{width} is not a multiple of the patch size {self.patch}")
+        patches = (height // self.patch) * (width // self.patch)
+        per_image = patches + int(self.has_cls)
+        visual = state.layout.visual
+        counts = visual.sum(dim=1).tolist()
+        if any(c % per_image for c in counts) or sum(counts) // per_image != pixels.shape[0]:
+            raise ValueError(
+                f"ttf: {pixels.shape[0]} images of {per_image} tokens do not match the rows' visual-token counts "
+                f"{counts}"
+            )
+        images_per_row = [c // per_image for c in counts]
+        row_of_image = [b for b, n in enumerate(images_per_row) for _ in range(n)]
+        positions = [visual[b].nonzero().flatten() for b in range(state.batch)]
+        gray = grayscale(pixels)
+        recompute = torch.ones(pixels.shape[0], per_image, dtype=torch.bool, device=pixels.device)
+        keyframe = [True] * pixels.shape[0]
+        stream = state.stream_state(self)
+        if stream is not None:
+            if any(n != 1 for n in images_per_row):
+                raise ValueError(
+                    f"ttf: in a stream each row carries exactly one frame per call, got {images_per_row} images per "
+                    "row; for a clip (several frames in one prompt) call outside patch.stream()"
+                )
+            if stream.setdefault("batch", state.batch) != state.batch:
+                raise ValueError(
+                    f"ttf: this stream has {stream['batch']} rows, the call has {state.batch}; keep one stream per "
+                    "row, or patch.reset() to start new episodes"
+                )
+            rows = stream.setdefault("rows", {})
+            for image, b in enumerate(row_of_image):
+                row = rows.get(b)
+                t = 0 if row is None else row["t"]
+                if row is None or t % self.config.keyframe_interval == 0 or row["gray"].shape != gray[image].shape:
+                    continue
+                keyframe[image] = False
+                difference = patch_difference(row["gray"][None], gray[image][None], self.patch)[0]
+                relevance = row.get("relevance")
+                mask = recompute_mask(
+                    difference,
+                    None if relevance is None else relevance[None],
+                    self.config.pixel_threshold,
+                    self.config.top_k_count(patches),
+                )
+                recompute[image, int(self.has_cls) :] = mask.reshape(-1)
+        else:
+            frame = 0
+            for image, b in enumerate(row_of_image):
+                frame = frame + 1 if image > 0 and row_of_image[image - 1] == b else 0
+                if frame % self.config.keyframe_interval == 0:
+                    continue
+                keyframe[image] = False
+                difference = patch_difference(gray[image - 1][None], gray[image][None], self.patch)[0]
+                recompute[image, int(self.has_cls) :] = difference > self.config.pixel_threshold
+        plan = FramePlan(stream is not None, row_of_image, keyframe, recompute, gray, positions)
+        state.memo[(id(self), "plan")] = plan
+
+    def reuse_images(self, state: ForwardState) -> ImageReuse | None:
+        plan = self._plan(state)
+        if plan is None or not self.config.save_compute:
+            return None
+        rows = state.stream_state(self)["rows"] if plan.stream else None
+        sources: list[int | torch.Tensor | None] = []
+        for image, b in enumerate(plan.row_of_image):
+            if plan.keyframe[image] or bool(plan.recompute[image].any()):
+                sources.append(None)
+            elif plan.stream:
+                sources.append(rows[b]["projected"])
+            else:
+                sources.append(image - 1)  # a row's first frame is a keyframe, so image-1 is the same row's
+        return ImageReuse(sources)
+
+    # ------------------------------------------------------------------------------------------------ fusion
+
+    def on_visual_features(self, features: VisualFeatures, state: ForwardState) -> torch.Tensor | None:
+        plan = self._plan(state)
+        if plan is None or features.call_index > 0:
+            return None
+        images = features.images.tolist() if features.images is not None else list(range(len(plan.keyframe)))
+        if features.where == "post_projector":
+            if self.config.save_compute and plan.stream:
+                for k, image in enumerate(images):
+                    plan.projected[image] = features.features[k].detach()
+            return None
+        rows = state.stream_state(self)["rows"] if plan.stream else None
+        fused = features.features.clone()
+        last: dict[int, torch.Tensor] = {}  # clip mode: the row's latest fused frame (skipped frames equal it)
+        for k, image in enumerate(images):
+            b = plan.row_of_image[image]
+            if not plan.keyframe[image]:
+                cached = rows[b]["tokens"] if plan.stream else last[b]
+                fused[k] = fuse(features.features[k], cached, plan.recompute[image])
+            last[b] = fused[k]
+            plan.fused[image] = fused[k].detach()
+        return fused if not all(plan.keyframe) else None
+
+    # ------------------------------------------------------------------------------------------------ attention test
+
+    def _text_rows(self, state: ForwardState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window positions ``[B, M]`` of each row's instruction (text after its last image; padded by repeating the
+        last one) and their validity ``[B, M]``."""
+        padding, visual = state.layout.padding, state.layout.visual
+        window = torch.arange(state.window_len, device=visual.device).expand_as(visual)
+        last_visual = torch.where(visual, window, -1).amax(dim=1, keepdim=True)
+        text = (window > last_visual) & ~padding & (last_visual >= 0)
+        if not bool(text.any()):
+            zeros = torch.zeros(state.batch, 1, dtype=torch.long, device=visual.device)
+            return zeros, zeros.bool()
+        index = KeepPlan.from_keep_mask(text).index
+        valid = index >= 0
+        filler = index.amax(dim=1, keepdim=True).clamp(min=0)
+        return torch.where(valid, index, filler), valid
+
+    def score_request(self, layer: int, state: ForwardState) -> ScoreRequest | None:
+        plan = self._plan(state)
+        if plan is None or not plan.stream or layer != self.layer or not state.is_prefill:
+            return None
+        rows, valid = self._text_rows(state)
+        state.memo[(id(self), "rows_valid")] = valid
+        current = relative_positions(rows, state.current_index, state.window_len)
+        return ScoreRequest(rows=current, reduce="head_mean")
+
+    def on_scores(self, layer: int, tap: ScoreTap, state: ForwardState) -> None:
+        plan = self._plan(state)
+        valid = state.memo.get((id(self), "rows_valid"))
+        if plan is None or valid is None:
+            return
+        weights = valid.to(tap.probs.dtype)[..., None]
+        mean = (tap.probs * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # mean over text rows
+        scores = ScoreTap(mean, tap.rows, tap.window_index).window_scores(state.prefix_len, state.window_len)
+        for b in plan.row_of_image:
+            if bool(valid[b].any()):
+                per_token = scores[b, plan.visual_positions[b]]
+                plan.relevance[b] = per_token[int(self.has_cls) :].detach()
+
+    # ------------------------------------------------------------------------------------------------ dropping
+
+    def select(self, layer: int, state: ForwardState) -> KeepPlan | None:
+        plan = self._plan(state)
+        if layer != 1 or plan is None or plan.stream or not self.config.save_compute or not state.is_prefill:
+            return None
+        reused = torch.zeros_like(state.layout.visual)
+        per_row: dict[int, list[torch.Tensor]] = {}
+        images = plan.row_of_image
+        for image, b in enumerate(images):
+            if self.config.clip_keep == "reused":
+                drop = plan.reused(image)
+            else:  # the same token's earlier copy goes; the copy in the latest frame that still carries it stays
+                same_row_next = image + 1 < len(images) and images[image + 1] == b
+                drop = plan.reused(image + 1) if same_row_next else torch.zeros_like(plan.reused(image))
+            per_row.setdefault(b, []).append(drop)
+        for b, masks in per_row.items():
+            reused[b, plan.visual_positions[b]] = torch.cat(masks).to(reused.device)
+        if not bool(reused.any()):
+            return None
+        self._counts["dropped"] += int(reused.sum())
+        return KeepPlan.from_keep_mask(state.present_mask() & ~reused)
+
+    # ------------------------------------------------------------------------------------------------ commit
+
+    def on_forward_end(self, state: ForwardState) -> None:
+        plan = self._plan(state)
+        if plan is None:
+            return
+        cls = int(self.has_cls)
+        for image in range(len(plan.keyframe)):
+            self._counts["frames"] += 1
+            self._counts["keyframes"] += int(plan.keyframe[image])
+            self._counts["patches"] += plan.recompute.shape[1] - cls
+            self._counts["reused"] += int(plan.reused(image)[cls:].sum())
+            skipped = self.config.save_compute and not plan.keyframe[image] and not bool(plan.recompute[image].any())
+            self._counts["images_skipped"] += int(skipped)
+        if not plan.stream:
+            return
+        rows = state.stream_state(self)["rows"]
+        for image, b in enumerate(plan.row_of_image):
+            row = rows.setdefault(b, {"t": 0})
+            row["t"] += 1
+            row["gray"] = plan.gray[image]
+            if image in plan.fused:
+                row["tokens"] = plan.fused[image]
+            if image in plan.projected:
+                row["projected"] = plan.projected[image]
+            row["relevance"] = plan.relevance.get(b)
+
+    def stats(self) -> dict[str, Any]:
+        counts = dict(self._counts)
+        if counts["patches"]:
+            counts["reused_share"] = counts["reused"] / counts["patches"]
+        return counts
+
+
+__all__ = ["TTF", "TTFConfig", "top_k_mask"]
