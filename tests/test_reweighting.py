@@ -279,7 +279,9 @@ def test_gift_forward_and_generate_equal_the_paper_formulas(family):
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"saliency_layer": 0.9}, "must come before the first enhancement layer"),
+        ({"saliency_layer": 1.0}, "saliency_layer must be a depth fraction"),
+        ({"content_words": "nouns"}, "content_words must be one of"),
+        ({"content_words": "closed_class"}, "needs processor="),
         ({"head_fraction": 0.0}, "head_fraction must be in"),
         ({"query_tail": -1}, "query_tail must be in"),
     ],
