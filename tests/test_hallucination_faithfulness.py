@@ -166,3 +166,67 @@ def test_gift_boosting_at_or_before_the_saliency_layer_runs_a_separate_pass(fami
         step_inputs = extend_inputs(inputs, out.sequences[:, : window + step])
         reference = edited_reference_logits(eager, step_inputs, edits, first_row=window - 1)
         torch.testing.assert_close(out.logits[step], reference[:, -1], rtol=0, atol=1e-4)
+
+
+# ---- PAI / PAINT: image-free guidance in a doubled batch --------------------------------------------------
+
+
+def official_guidance(cond: torch.Tensor, uncond: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``CFG.py::CFGLogits`` by hand: γ·(ℓ_c − ℓ_u) + ℓ_u, −inf below log(0.1) + max ℓ_c."""
+    lc, lu = torch.log_softmax(cond.float(), -1), torch.log_softmax(uncond.float(), -1)
+    out = gamma * (lc - lu) + lu
+    return torch.where(lc < lc.max(-1, keepdim=True).values + torch.log(torch.tensor(0.1)), float("-inf"), out)
+
+
+def suppressed(logits: torch.Tensor, eos: int | list[int] | None) -> torch.Tensor:
+    """What generate's own processors do before the guidance: suppress_tokens, and min_new_tokens on EOS."""
+    out = logits.clone()
+    out[..., PLACEHOLDERS] = float("-inf")
+    if eos is not None:
+        out[..., eos] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize(("family", "method", "alpha"), [("llava", "pai", 0.6), ("qwen2_vl", "pai", 0.6),
+                                                         ("llava", "paint", 1.0)])  # fmt: skip
+def test_image_free_guidance_runs_in_one_doubled_forward_and_equals_cfg(family, method, alpha):
+    inputs = prompt_inputs(family)
+    model = BUILDERS[family]("sdpa")
+    steps, gamma = 3, 1.5
+    extra = {"summary_layer": -1} if method == "paint" else {}
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape[0]), with_kwargs=True)
+    with torch.no_grad(), patch_model(model, method, alpha=alpha, layers=(0.25, 1.0), gamma=gamma, **extra):
+        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_scores=True,
+                             output_logits=True, suppress_tokens=PLACEHOLDERS, return_dict_in_generate=True)  # fmt: skip
+    hook.remove()
+    batch, window = inputs["input_ids"].shape
+    assert calls == [2 * batch] * steps  # one forward per step, image and image-free rows together
+    assert out.sequences.shape == (batch, window + steps) and out.past_key_values is None
+    # the image-free branch: each prompt without its image tokens (unpadded), plus the generated tokens, unpatched
+    plain = BUILDERS[family]("sdpa")
+    eos = model.generation_config.eos_token_id
+    for step in range(steps):
+        # conditional: the patched model's own logits at this step (its intervention is tested elsewhere)
+        cond = suppressed(out.logits[step], eos)
+        for b in range(batch):
+            keep = inputs["attention_mask"][b].bool() & (inputs["input_ids"][b] != IMAGE_TOKEN)
+            ids = torch.cat([inputs["input_ids"][b][keep], out.sequences[b, window : window + step]])[None]
+            with torch.no_grad():
+                uncond = suppressed(plain(input_ids=ids).logits[:, -1], eos)
+            expected = official_guidance(cond[b : b + 1], uncond, gamma)
+            finite = torch.isfinite(expected)
+            assert torch.equal(finite, torch.isfinite(out.scores[step][b : b + 1]))
+            torch.testing.assert_close(out.scores[step][b : b + 1][finite], expected[finite], rtol=0, atol=1e-4)
+        assert torch.equal(out.sequences[:, window + step], out.scores[step].argmax(-1))
+
+
+def test_image_free_guidance_is_on_by_default_and_refuses_sampling():
+    from vlm_accel.methods.pai import PAIConfig
+    from vlm_accel.methods.paint import PAINTConfig
+
+    assert PAIConfig().gamma == 1.1 and PAINTConfig().gamma == 1.1
+    inputs = prompt_inputs("llava", batch=1)
+    model = BUILDERS["llava"]("sdpa")
+    with patch_model(model, "pai"), pytest.raises(ValueError, match="greedy decoding only"):
+        model.generate(**inputs, max_new_tokens=2, do_sample=True)
