@@ -180,7 +180,7 @@ class GIFT(ReweightMethod):
             ]
 
     def unbind(self) -> None:
-        for handle in self._handles:
+        for handle in getattr(self, "_handles", ()):  # bind may not have run (another method's bind failed)
             handle.remove()
         self._handles = []
 

@@ -34,7 +34,11 @@ from vlm_accel.config import check_number
 
 # Set while a guided generate runs, so that a second method asking for the same guidance (PAI with PAINT) does not
 # double the batch again: call-scoped, never on a method object.
-_ACTIVE: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("image_free_guidance", default=None)
+# It names the doubled input_ids it passes on: only the wrapper called with exactly those is the composed one (a
+# generation started from inside this one, e.g. by a logits processor, has its own inputs and its own guidance).
+_ACTIVE: contextvars.ContextVar[tuple[torch.Tensor, float, float] | None] = contextvars.ContextVar(
+    "image_free_guidance", default=None
+)
 
 
 def check_guidance(gamma: Any, plausibility: Any) -> tuple[float, float]:
@@ -102,11 +106,12 @@ def guided_generate(generate: Callable[..., Any], model: torch.nn.Module, visual
     @functools.wraps(generate)
     def guided(*args: Any, **kwargs: Any) -> Any:
         active = _ACTIVE.get()
-        if active is not None:  # an outer method already runs the guidance for this generation
-            if active != (gamma, plausibility):
+        if active is not None and kwargs.get("input_ids") is active[0]:  # a composed method's wrapper runs it
+            if active[1:] != (gamma, plausibility):
                 raise ValueError(
                     f"{name}: two composed methods ask for image-free guidance with different settings "
-                    f"(gamma, plausibility) {active} and {(gamma, plausibility)}; give them the same, or gamma=1 to one"
+                    f"(gamma, plausibility) {active[1:]} and {(gamma, plausibility)}; give them the same, or gamma=1 "
+                    "to one"
                 )
             return generate(*args, **kwargs)
         input_ids = kwargs.pop("input_ids", args[0] if args else None)
@@ -132,9 +137,10 @@ def guided_generate(generate: Callable[..., Any], model: torch.nn.Module, visual
         batch = input_ids.shape[0]
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         processors.append(DoubledBatchGuidance(batch, gamma, plausibility))
-        token = _ACTIVE.set((gamma, plausibility))
+        doubled = torch.cat([input_ids, free_ids])
+        token = _ACTIVE.set((doubled, gamma, plausibility))
         try:
-            output = generate(*args, input_ids=torch.cat([input_ids, free_ids]),
+            output = generate(*args, input_ids=doubled,
                               attention_mask=torch.cat([mask, free_mask]),
                               logits_processor=processors, **kwargs)  # fmt: skip
         finally:
