@@ -26,7 +26,8 @@ Faithfulness details (official code: ``inference.py``, ``configs/*.yaml``):
 - **Saliency pass**: when the saliency layer precedes the first enhancement layer (LLaVA-1.5), the map is taken in
   the same prefill — rows other than the last are never edited, so this equals the official extra
   ``max_new_tokens=1`` pass at no cost. When a configuration boosts layers at or before the saliency layer
-  (Qwen2-VL: saliency 14, boost 5–18), a separate unedited prefill runs first, as in the official code.
+  (Qwen2-VL: saliency 14, boost 5–18), a separate unedited prefill runs first, as in the official code, and stops
+  right after the saliency layer (its later layers are not needed).
 - **Layers**: ``layers=None`` / ``saliency_layer=None`` give the official settings for LLaVA-1.5-7B (32 layers:
   saliency 11, boost 12–22), LLaVA-1.5-13B (40 layers: 10, 14–20) and Qwen2-VL-7B (28 layers: 14, 5–18; its
   official ``α`` is 4, pass ``alpha=4``); other depths scale the 7B setting by depth (saliency
@@ -64,6 +65,10 @@ CONTENT_WORDS = ("auto", "spacy", "closed_class", "all")
 # (never through the method object): set by the top-level forward pre-hook, cleared by its forward hook.
 _IN_PASS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("gift_saliency_pass", default=None)
 _PENDING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("gift_pending_saliency", default=None)
+class _SaliencyReady(Exception):
+    """Ends the separate saliency pass right after the saliency layer (the layers after it are not needed)."""
+
+
 _VISUAL_INPUTS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")  # as the runtime reads them
 
 
@@ -200,6 +205,8 @@ class GIFT(ReweightMethod):
             skip = ("past_key_values", "use_cache", "logits_to_keep", "labels")
             with torch.no_grad():
                 module(*args, **{k: v for k, v in kwargs.items() if k not in skip}, use_cache=False, logits_to_keep=1)
+        except _SaliencyReady:
+            pass  # stopped at the saliency layer: the pass costs (saliency layer + 1) / depth of a prefill
         finally:
             _IN_PASS.reset(token)
         _PENDING.set(holder)
@@ -269,8 +276,9 @@ class GIFT(ReweightMethod):
         generation["log_multiplier"] = self.config.alpha * window.float()
         generation["span"] = span
         holder = _IN_PASS.get()
-        if holder is not None:  # the separate pass: hand the map to the prefill that follows
+        if holder is not None:  # the separate pass: hand the map to the prefill that follows, and stop it
             holder[self] = dict(generation)
+            raise _SaliencyReady
 
     # ---- (b) enhancement, every forward's last row -------------------------------------------------------
 
