@@ -52,6 +52,9 @@ def amplify_visual_logits(alpha: float, logits: torch.Tensor, ctx: RowContext) -
 class PAI(ReweightMethod):
     config_cls = PAIConfig
     config: PAIConfig
+    #: outermost ``generate`` wrapper: the image-free rows join the batch before any other wrapper (SGL's guide)
+    #: sees it, so every per-row state downstream is built for the doubled batch
+    generate_rank = 20
 
     def row_edit(self, layer: int, state: ForwardState) -> RowEdit | None:
         if not self.active(layer):

@@ -112,6 +112,9 @@ def boost_logits(config: PAINTConfig, categories: torch.Tensor, logits: torch.Te
 class PAINT(ReweightMethod):
     config_cls = PAINTConfig
     config: PAINTConfig
+    #: outermost ``generate`` wrapper: the image-free rows join the batch before any other wrapper (SGL's guide)
+    #: sees it, so every per-row state downstream is built for the doubled batch
+    generate_rank = 20
 
     def bind(self, ctx) -> None:
         super().bind(ctx)
