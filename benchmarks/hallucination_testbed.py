@@ -29,24 +29,29 @@ from vlm_accel.eval.compare import interleaved_timings, timing_batch
 from vlm_accel.registry import get_method_class
 from vlm_accel.testbed import evaluate, load_model, make_dataset
 
+# PAI's and PAINT's image-free guidance is on by default (γ = 1.1); the rows without it say gamma=1.0
 SETTINGS: list[tuple[str, dict]] = [
+    ("pai", {"alpha": 0.2, "gamma": 1.0}),
     ("pai", {"alpha": 0.2}),
+    ("pai", {"alpha": 0.5, "gamma": 1.0}),
+    ("pai", {"alpha": 1.0, "gamma": 1.0}),
     ("pai", {"alpha": 0.5}),
-    ("pai", {"alpha": 1.0}),
-    ("pai", {"alpha": 0.5, "gamma": 1.1}),
-    ("pai", {"alpha": 0.2, "layers": (0.75, 1.0)}),
-    ("pai", {"alpha": 0.5, "layers": (0.75, 1.0)}),
+    ("pai", {"alpha": 0.2, "layers": (0.75, 1.0), "gamma": 1.0}),
+    ("pai", {"alpha": 0.5, "layers": (0.75, 1.0), "gamma": 1.0}),
     ("gift", {"alpha": 2.0}),
     ("gift", {"alpha": 5.0}),
     ("gift", {"alpha": 10.0}),
     # the testbed tower has one layer, so PAINT's summary tokens come from that layer too (default: penultimate)
+    ("paint", {"summary_layer": 0, "gamma": 1.0}),
     ("paint", {"summary_layer": 0}),
-    ("paint", {"summary_layer": 0, "layers": (0.75, 1.0)}),
-    ("paint", {"summary_layer": 0, "head_specific": True}),
+    ("paint", {"summary_layer": 0, "layers": (0.75, 1.0), "gamma": 1.0}),
+    ("paint", {"summary_layer": 0, "head_specific": True, "gamma": 1.0}),
 ]
 
 
-def _config(name: str, params: dict) -> MethodConfig:
+def _config(name: str, params: dict, processor) -> MethodConfig:
+    if name == "gift":  # the question span and content words come from the processor's chat template
+        params = {**params, "processor": processor}
     return get_method_class(name).config_cls(**params)
 
 
@@ -56,7 +61,7 @@ def _label(config: MethodConfig | None) -> str:
     d = config.to_dict()
     default = type(config)().to_dict()
     extra = f", γ={d['gamma']}" if d.get("gamma", 1.0) != 1.0 else ""
-    if d["layers"] != default["layers"]:
+    if d["layers"] != default["layers"] and d["layers"] is not None:
         extra += f", layers {d['layers'][0]:g}–{d['layers'][1]:g} of depth"
     if d.get("head_specific"):
         extra += ", head-specific"
@@ -80,7 +85,7 @@ def main() -> None:
     exist = make_dataset(args.n_exist, seed=args.seed, families=["exist"])
     other = make_dataset(args.n_other, seed=args.seed, families=["color", "shape", "count", "position"])
     chosen = set(filter(None, args.methods.split(","))) or {name for name, _ in SETTINGS}
-    configs: list[MethodConfig | None] = [None, *(_config(n, p) for n, p in SETTINGS if n in chosen)]
+    configs: list[MethodConfig | None] = [None, *(_config(n, p, processor) for n, p in SETTINGS if n in chosen)]
     timings = interleaved_timings(model, timing_batch(processor, exist, args.batch_size, "cpu"), configs, rounds=5)
     rows = []
     for config, (_, decode_s) in zip(configs, timings):

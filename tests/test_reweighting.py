@@ -48,7 +48,7 @@ def test_pai_forward_equals_dense_eager_reference(family):
     inputs = prompt_inputs(family)
     model = BUILDERS[family]("sdpa")
     layers = layer_range((0.25, 1.0), len(model.model.language_model.layers))
-    with torch.no_grad(), patch_model(model, "pai", alpha=0.6, layers=(0.25, 1.0)):
+    with torch.no_grad(), patch_model(model, "pai", alpha=0.6, layers=(0.25, 1.0), gamma=1.0):
         got = model(**inputs).logits
     visual = visual_columns(inputs, inputs["input_ids"].shape[1])
     reference = edited_reference_logits(
@@ -68,7 +68,7 @@ def test_pai_forward_equals_dense_eager_reference(family):
 def test_pai_generate_equals_reference_at_every_step(family):
     inputs = prompt_inputs(family)
     model = BUILDERS[family]("sdpa")
-    with torch.no_grad(), patch_model(model, "pai", alpha=0.6, layers=(0.25, 1.0)):
+    with torch.no_grad(), patch_model(model, "pai", alpha=0.6, layers=(0.25, 1.0), gamma=1.0):
         out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True, suppress_tokens=PLACEHOLDERS,
                              return_dict_in_generate=True)  # fmt: skip
     eager = BUILDERS[family]("eager")
@@ -87,7 +87,7 @@ def test_pai_composed_with_fastv_reweights_only_the_kept_visual_tokens():
 
     inputs = prompt_inputs("llava_next")
     model = BUILDERS["llava_next"]("sdpa")
-    with torch.no_grad(), patch_model(model, ["fastv", "pai"], layer=2, keep_ratio=0.3, alpha=0.6,
+    with torch.no_grad(), patch_model(model, ["fastv", "pai"], layer=2, keep_ratio=0.3, alpha=0.6, gamma=1.0,
                                       layers=(0.25, 1.0)):  # fmt: skip
         out = model(**inputs, use_cache=True)
     record = getattr(out.past_key_values, CACHE_ATTRIBUTE)
@@ -176,7 +176,7 @@ def paint_edit(categories: torch.Tensor, visual: torch.Tensor, a: float, b: floa
 def test_paint_equals_dense_eager_reference(head_specific):
     inputs = prompt_inputs("llava")
     model = BUILDERS["llava"]("sdpa")
-    with torch.no_grad(), patch_model(model, "paint", alpha=1.0, layers=(0.25, 1.0), head_specific=head_specific,
+    with torch.no_grad(), patch_model(model, "paint", alpha=1.0, layers=(0.25, 1.0), head_specific=head_specific, gamma=1.0,
                                       summary_layer=-1) as patch:  # fmt: skip
         got = model(**inputs).logits
         stats = patch.stats.methods["paint"]
@@ -279,7 +279,9 @@ def test_gift_forward_and_generate_equal_the_paper_formulas(family):
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"saliency_layer": 0.9}, "must come before the first enhancement layer"),
+        ({"saliency_layer": 1.0}, "saliency_layer must be a depth fraction"),
+        ({"content_words": "nouns"}, "content_words must be one of"),
+        ({"content_words": "closed_class"}, "needs processor="),
         ({"head_fraction": 0.0}, "head_fraction must be in"),
         ({"query_tail": -1}, "query_tail must be in"),
     ],

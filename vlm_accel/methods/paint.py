@@ -12,6 +12,11 @@ As released (``modPAI/.../clip_encoder.py::update_modpai_alpha``, ``modPAI/atten
   defaults ``a = 0.7``, ``b = 0.3``. Here ``alpha`` scales both (``a = alpha·local_boost``,
   ``b = alpha·summary_boost``, ``alpha=1`` is the released setting, ``alpha=0`` the unpatched model).
 
+Image-free guidance (``gamma``, ``plausibility``): PAINT's released CHAIR runs (``modpai_eval.sh``) add PAI's
+guidance at ``γ = 1.1``; it is on by default here at that value and runs as PAI's does (a doubled batch in
+``generate()``, :mod:`vlm_accel.methods.image_free_guidance`); ``gamma=1`` switches it off, and the no-op setting
+is ``alpha=0, gamma=1``.
+
 ``head_specific=True`` adds the paper's head-specific modulation, which the released code does not contain, in a
 form of our own design: each head's boosts are scaled by its visual sensitivity in that row, ``w_h = m_h / mean(m)``
 where ``m_h`` is the head's (unedited) attention mass on visual tokens.
@@ -32,6 +37,7 @@ import torch
 from vlm_accel.config import check_int, check_number, check_ratio
 from vlm_accel.errors import MethodNotApplicable
 from vlm_accel.methods.base import RowEdit
+from vlm_accel.methods.image_free_guidance import check_guidance, guided_generate
 from vlm_accel.methods.reweighting import ReweightConfig, ReweightMethod
 from vlm_accel.runtime.devices import execution_device, onloaded
 from vlm_accel.runtime.scores import RowContext
@@ -51,9 +57,12 @@ class PAINTConfig(ReweightConfig):
     local_layer: int = 0
     summary_layer: int = -2
     head_specific: bool = False
+    gamma: float = 1.1
+    plausibility: float = 0.1
 
     def validate(self) -> None:
         super().validate()
+        self.gamma, self.plausibility = check_guidance(self.gamma, self.plausibility)
         for name in ("local_boost", "summary_boost"):
             if check_number(name, getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -116,6 +125,9 @@ def boost_logits(config: PAINTConfig, categories: torch.Tensor, logits: torch.Te
 class PAINT(ReweightMethod):
     config_cls = PAINTConfig
     config: PAINTConfig
+    #: outermost ``generate`` wrapper: the image-free rows join the batch before any other wrapper (SGL's guide)
+    #: sees it, so every per-row state downstream is built for the doubled batch
+    generate_rank = 20
 
     def bind(self, ctx) -> None:
         super().bind(ctx)
@@ -137,6 +149,17 @@ class PAINT(ReweightMethod):
                 )
         self._encoder_layers = encoder_layers
         self._stats: dict[str, Any] = {}
+
+    @classmethod
+    def noop_config(cls) -> PAINTConfig:
+        return PAINTConfig(alpha=0.0, gamma=1.0)
+
+    def wrap_generate(self, generate):
+        if self.config.gamma == 1.0:
+            return generate
+        visual_ids = self.ctx.adapter.visual_token_ids(self.ctx.model)
+        return guided_generate(generate, self.ctx.model, visual_ids, self.config.gamma, self.config.plausibility,
+                               "paint")  # fmt: skip
 
     def vision_tap_layers(self) -> tuple[int, ...]:
         """The two ViT layers whose inputs give the CLS rows (captured by the runtime's vision-side hook)."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from vlm_accel.kernels import attention_row_probs
-from vlm_accel.kernels._reference import fp32_logits, masked_softmax_
+from vlm_accel.kernels._reference import fp32_logits
 
 
 def allowed_keys(
@@ -95,12 +95,15 @@ def edited_rows_attention(
 
     ``edits`` receive logits ``[B, Hq, M, N]`` (``-inf`` at disallowed keys) and return new ones; the result is
     ``softmax(edited) · V`` — the eager semantics of the hallucination-mitigation methods (PAI, PAINT, GIFT),
-    computed for a few rows only so the rest of the layer stays on SDPA / FlashAttention.
+    computed for a few rows only so the rest of the layer stays on SDPA / FlashAttention. Logits and softmax are
+    fp32; on CUDA ``V`` stays in its dtype (:func:`probs_times_values`). On CPU a 16-bit K is still upcast for the logits
+    (:func:`~vlm_accel.kernels._reference.fp32_logits`; CUDA accumulates in fp32 without the copy).
     """
-    batch, heads, _, dim = query.shape
+    batch, heads, q_len, dim = query.shape
     kv_heads, groups, m = key.shape[1], heads // key.shape[1], rows.shape[1]
-    q_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))
-    allowed = allowed_keys(attention_mask, rows, query.shape[2], key.shape[2])
+    # a decode step edits its only row: no gather
+    q_rows = query if m == q_len == 1 else query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, dim))
+    allowed = allowed_keys(attention_mask, rows, q_len, key.shape[2])
     logits = fp32_logits(q_rows.reshape(batch, kv_heads, groups * m, dim), key).mul_(scaling)
     logits = logits.view(batch, heads, m, -1).masked_fill(~allowed[:, None], float("-inf"))
     # edits read per-call state, which lives on the home device (runtime/devices.py): only the few edited rows'
@@ -112,18 +115,33 @@ def edited_rows_attention(
     for edit in edits:
         edited = edit(edited, context)
     logits = edited.to(query.device)
-    if logits.requires_grad:  # training through the edit: the same softmax, out of place (autograd keeps exp)
-        probs = _masked_softmax(logits, allowed[:, None])
-    else:
-        probs = masked_softmax_(logits, allowed[:, None])
-    out = torch.matmul(probs.view(batch, kv_heads, groups * m, -1), value.float())
+    # disallowed keys are -inf (the edits keep them so); a row with no allowed key gives NaN → 0, as masked_softmax_;
+    # out of place when training through the edit (autograd keeps the softmax's output)
+    probs = torch.softmax(logits, dim=-1)
+    probs = probs.nan_to_num(0.0) if probs.requires_grad else probs.nan_to_num_(0.0)
+    out = probs_times_values(probs.view(batch, kv_heads, groups * m, -1), value)
     return out.view(batch, heads, m, dim).transpose(1, 2).to(query.dtype)
 
 
-def _masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """``masked_softmax_``'s arithmetic without in-place ops (rows with nothing allowed give all zeros)."""
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    top = logits.amax(dim=-1, keepdim=True)
-    weights = (logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top))).exp()
-    total = weights.sum(dim=-1, keepdim=True)
-    return weights / torch.where(total > 0, total, torch.ones_like(total))
+def probs_times_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``P · V`` for fp32 ``probs [B, Hkv, R, N]`` and ``value [B, Hkv, N, D]`` without copying V to fp32.
+
+    fp32 V: one fp32 matmul. 16-bit V on CUDA: the probabilities are cast to V's dtype (what SDPA / FlashAttention
+    feed their ``P·V`` product too) and ``bmm(out_dtype=float32)`` accumulates in fp32, so the V cache (the largest
+    tensor of the step) is read once in its dtype instead of being copied to fp32 at every edited layer of every
+    step. 16-bit V on CPU: upcast, which measured faster than a 16-bit GEMV on this CPU.
+    """
+    if value.dtype == torch.float32:
+        return torch.matmul(probs, value)
+    if value.device.type == "cuda":
+        low = probs.to(value.dtype)
+        try:
+            lead = low.shape[:-2]
+            out = torch.bmm(low.reshape(-1, *low.shape[-2:]), value.reshape(-1, *value.shape[-2:]),
+                            out_dtype=torch.float32)  # fmt: skip
+            return out.view(*lead, low.shape[-2], value.shape[-1])
+        except (TypeError, RuntimeError):
+            return torch.matmul(low, value)
+    # CPU: a 16-bit single-row GEMV measured slower here than upcasting V and one fp32 GEMV
+    # (benchmarks/reweighting_decode.py --attention), so V is upcast on CPU
+    return torch.matmul(probs, value.float())
