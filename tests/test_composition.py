@@ -2,8 +2,9 @@
 
 - Every pair of registered methods, on every family, in both list orders: identical outputs, or — only for pairs
   that are ill-defined — the same clear error either way (runtime issue: composition must not depend on the list).
-- Per-call state lives with the generation: PAI's image-free guidance runs a second, text-only generation inside
-  the first; PAINT and GIFT keep editing every decode step (before: 0 edits after the first token).
+- Per-call state lives with the generation: under PAI's image-free guidance (once a second, text-only generation
+  inside the first; now image-free rows in the same batch) PAINT and GIFT keep editing every decode step (before:
+  0 edits after the first token).
 - A second ``generate()`` run in the middle of another (from a logits processor) disturbs neither.
 - SGL's guide never inherits the caller's (or a composed method's) logits processors.
 """
@@ -79,8 +80,8 @@ class DecodeEditCounter:
 
 @pytest.mark.parametrize("method", ["paint", "gift"])
 def test_state_survives_image_free_guidance(method):
-    """``[method, PAI(alpha=0, gamma=1.1)]``: PAI's guidance prefills a text-only prompt inside the generation; the
-    method must still edit at every decode step (regression: it reset its per-prompt state on the object)."""
+    """``[method, PAI(alpha=0, gamma=1.1)]``: the method must still edit at every decode step under PAI's guidance
+    (regression: it reset its per-prompt state on the object when guidance prefilled its text-only prompt)."""
     model = model_for("llava", "sdpa")
     inputs = inputs_for("llava", 3)
     counts = {}

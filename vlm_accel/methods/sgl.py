@@ -202,7 +202,7 @@ class SGL(Method):
     config_cls = SGLConfig
     changes_length = True
     kind_rank = KIND_SELECTION
-    generate_rank = 10  # outermost: the guide runs on the caller's own arguments
+    generate_rank = 10  # outside every wrapper but the image-free guidance (rank 20)
     config: SGLConfig
 
     def __init__(self, config: SGLConfig) -> None:

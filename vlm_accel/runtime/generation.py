@@ -5,8 +5,9 @@ calls of several tokens (masks remapped per layer as for one), and ``Cache.crop`
 the end of every layer, whatever its length. Assisted decoding with an assistant model is refused (see below).
 
 Wrappers nest by ``Method.generate_rank`` (then name), never by the user's list, so ``["sgl", "pai"]`` and
-``["pai", "sgl"]`` are the same patch: SGL (rank 10) is outermost and runs its guide on the caller's arguments
-before PAI's wrapper adds the image-free guidance processor for the large model.
+``["pai", "sgl"]`` are the same patch: PAI / PAINT's image-free guidance (rank 20) is outermost, so the image-free
+rows join the batch before anything else sees it; SGL (rank 10) then runs its guide on that batch, dropping any
+``logits_processor`` it is handed, and attaches the guide's scores to the large model's cache.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ Three lifetimes, never mixed (docs/architecture.md, "State"):
 - ``PlanRecord`` is attached to the KV cache object at prefill, so decode steps (and any later call that continues
   the same cache) see which tokens each layer kept and the per-generation state of every method
   (:meth:`ForwardState.generation_state`); it lives exactly as long as the generation (hf_internals §3.3). Two
-  generations interleaved on one patched model (PAI's image-free guidance runs one inside another) each carry their
-  own record, so neither disturbs the other. A forward without a cache keeps that state for its own duration only.
+  generations interleaved on one patched model (e.g. a logits processor that runs another ``generate()``) each
+  carry their own record, so neither disturbs the other. A forward without a cache keeps that state for its own duration only.
 - ``StreamState`` lives across ``generate()`` calls on purpose, only inside ``patch.stream()`` (frame streams:
   TTF); ``patch.reset()`` empties it. Outside a stream a method gets no cross-call state at all.
 """
