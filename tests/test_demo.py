@@ -227,7 +227,8 @@ def test_bad_method_settings_leave_the_slot_unpatched(pool, scene):
 def test_demo_subcommand_is_registered():
     from vlm_accel.cli import build_parser
 
-    args = build_parser().parse_args(["demo", "--model", "testbed-s", "--slots", "3", "--port", "7999"])
+    argv = ["demo", "--model", "testbed-s", "--slots", "3", "--port", "7999"]
+    args = build_parser(argv).parse_args(argv)
     assert (args.command, args.model, args.slots, args.port) == ("demo", "testbed-s", 3, 7999)
 
 
