@@ -78,10 +78,10 @@ def _generate(model, inputs: dict, **kwargs):
 def test_reweighting_with_a_static_cache_matches_the_dynamic_cache(family, rows):
     model, inputs = _model_and_inputs(family, rows=rows)
     unpatched_tokens, unpatched = _generate(model, inputs, cache_implementation="static")
-    with patch_model(model, "pai", alpha=0.0):
+    with patch_model(model, "pai", alpha=0.0, gamma=1.0):
         tokens, logits = _generate(model, inputs, cache_implementation="static")
     assert torch.equal(tokens, unpatched_tokens) and torch.equal(logits, unpatched)
-    with patch_model(model, "pai", alpha=0.5):
+    with patch_model(model, "pai", alpha=0.5, gamma=1.0):
         dynamic_tokens, dynamic = _generate(model, inputs)
         static_tokens, static = _generate(model, inputs, cache_implementation="static")
     assert not torch.allclose(dynamic, unpatched, atol=1e-4)  # the method acts
