@@ -34,13 +34,10 @@ from vlm_accel.runtime.vision import projector, vision_encoder_layers
 
 from families import BATCH_ROWS
 from inputs import batch_inputs, make_row
-from tiny_models import IMAGE_TOKEN, VIDEO_TOKEN, tiny_llava, tiny_llava_sized, tiny_qwen2_vl
+from test_matrix import patched_run
+from tiny_models import tiny_llava, tiny_llava_sized, tiny_qwen2_vl
 
 BUILD = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}
-GENERATE = {
-    "max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "output_logits": True,
-    "return_dict_in_generate": True, "suppress_tokens": [IMAGE_TOKEN, VIDEO_TOKEN],
-}  # fmt: skip
 
 
 def alternating_map(model, first: str = "cpu", second: str = "disk") -> dict[str, str]:
@@ -129,15 +126,9 @@ def router_file(family: str, tmp_path_factory):
 
 
 def run(model, config, inputs: dict, mode: str):
-    try:
-        patch = patch_model(model, config)
-    except MethodNotApplicable as err:
-        pytest.skip(f"{config.method_name} does not apply to {model.config.model_type}: {err}")
-    with torch.no_grad(), patch:
-        if mode == "forward":
-            return model(**inputs, use_cache=True).logits, None, patch.stats.kv_length_per_layer
-        out = model.generate(**inputs, **GENERATE)
-        return torch.stack(out.logits, dim=1), out.sequences, patch.stats.kv_length_per_layer
+    """(logits, generated sequences or None, per-layer KV lengths) of one patched call (the matrix's runner)."""
+    logits, _, sequences, stats = patched_run(model, config, inputs, mode)
+    return logits, sequences, stats.kv_length_per_layer
 
 
 @pytest.mark.parametrize("family", list(BUILD))
