@@ -123,3 +123,28 @@ def test_analytic_prediction_matches_the_measured_run(tiny_result, tmp_path):
     predicted = json.loads(path.read_text())["rows"]
     keys = ("arm", "batch", "tokens_per_layer", "kv_bytes", "prefill_flops", "visual_tokens_kept")
     assert [{k: r[k] for k in keys} for r in predicted] == [{k: r[k] for k in keys} for r in measured["rows"]]
+
+
+def test_testbed_prompts_are_compares_timing_batch():
+    """``--prompts testbed`` times exactly the batch ``vlm-accel compare`` times (same questions, template, padding),
+    so the two tools' speed columns measure the same tensors; ``auto`` picks it for a testbed model only."""
+    import torch
+
+    from vlm_accel.eval.bench import BenchSettings, bench_inputs, testbed_inputs
+    from vlm_accel.eval.compare import CompareSettings, timing_batch
+    from vlm_accel.testbed import load_model, make_dataset
+
+    model, processor = load_model("testbed-s")
+    seed = CompareSettings().seed
+    theirs = timing_batch(processor, make_dataset(20, seed=seed), 4, "cpu")  # compare: first 4 of its n questions
+    ours = testbed_inputs("testbed-s", 4, "cpu", seed)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert bool((ours["attention_mask"] == 0).any())  # real, left-padded questions, unlike the synthetic prompt
+    assert BenchSettings(model="testbed-s").resolved_prompts() == "testbed"
+    assert BenchSettings(model="tiny").resolved_prompts() == "synthetic"
+    with pytest.raises(ValueError, match="--prompts testbed needs a testbed model"):
+        bench_inputs(model, 2, BenchSettings(model="tiny", prompts="testbed"))
+    with pytest.raises(ValueError, match="--prompts must be"):
+        BenchSettings(model="tiny", prompts="real").resolved_prompts()

@@ -18,8 +18,11 @@ arm alike:
   patch actually produced; ``flops_ideal_speedup`` is unpatched / patched, the ceiling a FLOPs-bound device reaches.
 
 ``--model`` is a named geometry (random weights, built directly on the device in the chosen dtype, so speed can be
-measured where weights cannot be downloaded), a testbed model name, or a checkpoint directory / hub id. Prompts are
-synthetic: ``--text-tokens`` random text tokens around one image's visual tokens, identical rows (no padding).
+measured where weights cannot be downloaded), a testbed model name, or a checkpoint directory / hub id. Prompts
+(``--prompts``): ``synthetic`` — ``--text-tokens`` random text tokens around one image's visual tokens, identical
+rows (no padding); ``testbed`` — the first ``batch`` questions of the testbed test split at ``--prompt-seed``, chat
+template, left-padded: exactly the batch ``vlm-accel compare`` times (same default seed), so the two tools' speed
+columns measure the same tensors. ``auto`` (default) is ``testbed`` for a testbed model, else ``synthetic``.
 ``--analytic`` skips the run and reports FLOPs / KV bytes / token counts predicted from the config alone (any
 geometry, no memory needed).
 """
@@ -172,6 +175,40 @@ def synthetic_inputs(config: Any, batch: int, text_tokens: int, device: str, dty
     size = config.vision_config.image_size
     pixels = torch.randn(batch, 3, size, size, generator=generator).to(device=device, dtype=dtype)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}
+
+
+def testbed_inputs(model_name: str, batch: int, device: str, seed: int) -> dict:
+    """The first ``batch`` testbed test questions at ``seed`` as ``vlm-accel compare`` batches them for timing
+    (:func:`vlm_accel.eval.compare.timing_batch`; the dataset is prefix-stable in ``n``, so this is compare's batch)."""
+    from transformers import AutoProcessor
+
+    from vlm_accel.eval.compare import timing_batch
+    from vlm_accel.testbed import make_dataset
+    from vlm_accel.testbed.models import model_dir
+
+    processor = AutoProcessor.from_pretrained(model_dir(model_name), local_files_only=True)
+    return timing_batch(processor, make_dataset(batch, seed=seed, split="test"), batch, device)
+
+
+def bench_inputs(model: torch.nn.Module, batch: int, settings: BenchSettings) -> dict:
+    """The prompts every arm is timed on (see ``--prompts`` in the module docstring)."""
+    if settings.resolved_prompts() == "testbed":
+        if settings.model not in _testbed_names():
+            raise ValueError(f"--prompts testbed needs a testbed model ({', '.join(_testbed_names())}), "
+                             f"got {settings.model!r}")  # fmt: skip
+        inputs = testbed_inputs(settings.model, batch, settings.device, settings.prompt_seed)
+        dtype = parse_dtype(settings.dtype)
+        return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
+    dtype = parse_dtype(settings.dtype)
+    return synthetic_inputs(model.config, batch, settings.text_tokens, settings.device, dtype, settings.seed)
+
+
+def _testbed_names() -> tuple[str, ...]:
+    try:
+        from vlm_accel.testbed import MODEL_NAMES
+    except ImportError:
+        return ()
+    return tuple(MODEL_NAMES)
 
 
 # ---------------------------------------------------------------------------------------------- method specs
@@ -391,6 +428,20 @@ class BenchSettings:
     text_tokens: int = 64
     threads: int | None = None
     seed: int = 0
+    prompts: str = "auto"
+    prompt_seed: int = 20261124  # vlm-accel compare's default test-split seed
+
+    def resolved_prompts(self) -> str:
+        """``testbed`` or ``synthetic`` (``auto``: testbed questions for a testbed model)."""
+        if self.prompts not in ("auto", "synthetic", "testbed"):
+            raise ValueError(f"--prompts must be auto, synthetic or testbed, got {self.prompts!r}")
+        if self.prompts != "auto":
+            return self.prompts
+        try:
+            from vlm_accel.testbed import MODEL_NAMES
+        except ImportError:
+            return "synthetic"
+        return "testbed" if self.model in MODEL_NAMES else "synthetic"
 
 
 def _static_row(model: torch.nn.Module, arm: Arm, batch: int, inputs: dict, settings: BenchSettings) -> dict:
@@ -422,8 +473,7 @@ def _static_row(model: torch.nn.Module, arm: Arm, batch: int, inputs: dict, sett
 
 def _measure_batch(model, all_arms: list[Arm], batch: int, settings: BenchSettings, bar, task) -> list[dict]:
     """Interleaved timings of every arm at one batch size (warm-up runs discarded), then one row per arm."""
-    dtype = parse_dtype(settings.dtype)
-    inputs = synthetic_inputs(model.config, batch, settings.text_tokens, settings.device, dtype, settings.seed)
+    inputs = bench_inputs(model, batch, settings)
     timings: dict[str, dict[str, list]] = {a.label: defaultdict(list) for a in all_arms}
     vision: list[float] = []
     for rep in range(settings.warmup + settings.repeats):
@@ -435,8 +485,10 @@ def _measure_batch(model, all_arms: list[Arm], batch: int, settings: BenchSettin
             bar.update(task, description=f"batch {batch} · {arm.label} · {'run' if measured else 'warm-up'}")
             steps = StepClock(settings.device)
             with applied(model, arm):
-                prefill, _ = time_prefill(model, inputs, settings.device)
+                # generate() first, right after patching, exactly as `vlm-accel compare` times it (patch, one timed
+                # generate, unpatch), so the two tools' TTFT and decode columns measure the same thing
                 e2e, mem = time_generate(model, inputs, settings.device, settings.new_tokens, steps)
+                prefill, _ = time_prefill(model, inputs, settings.device)
             if measured:
                 t = timings[arm.label]
                 t["prefill"].append(prefill.wall)
@@ -562,6 +614,7 @@ def _meta(settings: BenchSettings, source: str, model: torch.nn.Module | None) -
     return {
         "settings": dataclasses.asdict(settings),
         "source": source,
+        "prompts": settings.resolved_prompts() if model is not None else "synthetic",
         "device_name": device_name,
         "torch_threads": torch.get_num_threads(),
         "visual_tokens_per_image": visual_tokens_per_image(config),
@@ -727,6 +780,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, help="measured runs per arm and batch size (median reported)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens for e2e (default 32 cuda, 16 cpu)")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens around the image in the prompt")
+    p.add_argument("--prompts", default="auto", choices=("auto", "synthetic", "testbed"),
+                   help="timed prompts: testbed questions (compare's timing batch) or synthetic; auto: testbed "
+                        "for a testbed model")  # fmt: skip
+    p.add_argument("--prompt-seed", type=int, default=20261124, help="testbed test-split seed (compare's default)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--analytic", action="store_true", help="FLOPs/KV/token counts from a geometry, no run")
     p.add_argument("--json", type=Path, default=None, help="write the full result JSON here")
@@ -744,7 +801,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         model=args.model, device=device, dtype=args.dtype or ("bfloat16" if cuda else "float32"), attn=args.attn,
         batch_sizes=args.batch_sizes or ((1, 8, 32) if cuda else (1, 4)), warmup=args.warmup,
         repeats=args.repeats, new_tokens=args.new_tokens or (32 if cuda else 16), text_tokens=args.text_tokens,
-        threads=args.threads,
+        threads=args.threads, prompts=args.prompts, prompt_seed=args.prompt_seed,
     )  # fmt: skip
 
 
