@@ -28,9 +28,11 @@ def arms(model: str, router_dir: Path | None = None) -> dict[str, object]:
         out[f"qnorm {share:.0%}"] = MoHConfig(active_heads=share)
         path = shipped_router(share, model)
         path = path if router_dir is None else router_dir / path.name
+        lm = path.with_name(path.stem + ".lm.safetensors")  # a --tune-lm router's language model, if shipped
         out[f"learned {share:.0%}"] = (
-            MoHConfig(router="learned", active_heads=share, router_file=str(path)) if path.is_file() else "missing"
-        )
+            MoHConfig(router="learned", active_heads=share, router_file=str(path),
+                      lm_file=str(lm) if lm.is_file() else None) if path.is_file() else "missing"
+        )  # fmt: skip
         out[f"random {share:.0%}"] = RandomHeadsConfig(active_heads=share, seed=0)
     return out
 

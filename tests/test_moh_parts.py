@@ -236,3 +236,57 @@ def test_shipped_testbed_router_fits_testbed_l():
         logits = m(input_ids=torch.tensor([[2, 5, 6, 7]])).logits
         stats = p.stats.methods["moh"]
     assert torch.isfinite(logits).all() and stats["active_head_fraction"] == 0.75
+
+
+def test_tuned_language_model_is_swapped_in_for_the_patch_and_restored_bitwise(tmp_path):
+    """``lm_file``: the continue-tuned language model a ``--tune-lm`` router was trained with is swapped in while the
+    patch lives (the router's fingerprint check passes only then) and the original weights come back bit for bit."""
+    from vlm_accel.testbed import load_model
+    from vlm_accel.train.moh import MoHTrainConfig, save_router, train_router
+
+    m, _ = load_model("testbed-s")
+    original = {k: v.clone() for k, v in m.model.language_model.state_dict().items()}
+    config = MoHTrainConfig(active_heads=0.5, steps=1, batch_size=2, qas_per_image=2, warmup=1, tune_lm=True)
+    router, report, lm_state = train_router(m, config)
+    save_router(router, m, tmp_path / "r.safetensors", report, lm_state)
+    m.model.language_model.load_state_dict(original)  # back to the shipped weights
+    ids = torch.tensor([[2, 5, 6, 7]])
+    with torch.no_grad():
+        plain = m(input_ids=ids).logits
+    learned = {"router": "learned", "active_heads": 0.5, "router_file": str(tmp_path / "r.safetensors")}
+    with pytest.raises(ValueError, match="continue-tuned language model: pass lm_file"):
+        patch_model(m, MoHConfig(**learned))
+    lm_file = str(tmp_path / "r.lm.safetensors")
+    with torch.no_grad(), patch_model(m, MoHConfig(**learned, lm_file=lm_file)):
+        swapped = m.model.language_model.state_dict()
+        assert all(torch.equal(swapped[k], v) for k, v in lm_state.items()), "the tuned weights are in place"
+        assert torch.isfinite(m(input_ids=ids).logits).all()
+    after = m.model.language_model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in original.items()), "removal restores the weights bitwise"
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, plain)
+
+
+def test_an_lm_file_that_does_not_fit_is_refused_and_leaves_the_model_unchanged(tmp_path):
+    from safetensors.torch import save_file
+
+    from vlm_accel.testbed import load_model
+
+    m, _ = load_model("testbed-s")
+    original = {k: v.clone() for k, v in m.model.language_model.state_dict().items()}
+    state = {k: v.clone() for k, v in original.items()}
+    key = next(iter(state))
+    state[key] = torch.zeros(3, 3)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    router = tmp_path / "r.safetensors"
+    LearnedRouter(3, m.config.text_config.hidden_size, resolve_units(4, 4, 0.5, None, False)).save(router, model_metadata(m))
+    for bad, message in (("bad.safetensors", "has other shapes"), ("junk.safetensors", "is not a safetensors file"),
+                         ("none.safetensors", "does not exist")):  # fmt: skip
+        config = MoHConfig(router="learned", active_heads=0.5, router_file=str(router), lm_file=str(tmp_path / bad))
+        with pytest.raises(ValueError, match=message):
+            patch_model(m, config)
+        now = m.model.language_model.state_dict()
+        assert all(torch.equal(now[k], v) for k, v in original.items())
+    with pytest.raises(ValueError, match="goes with router='learned' only"):
+        MoHConfig(lm_file="x.safetensors")

@@ -53,8 +53,10 @@ class MoHConfig(MethodConfig):
     """``active_heads``: share of heads each token uses — a float fraction of the heads (or KV groups) or an int
     count; ``shared_heads``: the always-on part of them (None: the MoH-LLaMA3 release's proportion, ``2·active −
     all``, i.e. 16 shared + 8 of 16 routed at 75 %); ``per_kv_group``: route whole KV groups (GQA) instead of query
-    heads; ``router_file``: the learned router (``router="learned"``); ``check_fingerprint``: refuse a router trained
-    on other weights; ``sparse_decode``: decode on the head-sparse op (False: gate the dense output)."""
+    heads; ``router_file``: the learned router (``router="learned"``); ``lm_file``: the continue-tuned language model
+    trained with that router (``vlm-accel train moh --tune-lm`` writes ``<router>.lm.safetensors``), swapped in for
+    the patch's lifetime and swapped back bitwise on removal; ``check_fingerprint``: refuse a router trained on other
+    weights; ``sparse_decode``: decode on the head-sparse op (False: gate the dense output)."""
 
     method_name: ClassVar[str] = "moh"
     router: str = "qnorm"
@@ -62,6 +64,7 @@ class MoHConfig(MethodConfig):
     shared_heads: float | int | None = None
     per_kv_group: bool = False
     router_file: str | None = None
+    lm_file: str | None = None
     check_fingerprint: bool = True
     sparse_decode: bool = True
 
@@ -76,6 +79,10 @@ class MoHConfig(MethodConfig):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.router_file, Path):
             self.router_file = str(self.router_file)
+        if isinstance(self.lm_file, Path):
+            self.lm_file = str(self.lm_file)
+        if self.lm_file is not None and (self.router != "learned" or not isinstance(self.lm_file, str)):
+            raise ValueError("lm_file (a continue-tuned language model, a path) goes with router='learned' only")
         if self.router == "learned" and (not isinstance(self.router_file, str) or not self.router_file):
             raise ValueError(
                 "router='learned' needs router_file='router.safetensors' (from `vlm-accel train moh`, or the shipped "
@@ -96,6 +103,65 @@ def shipped_router(active_heads: float, model: str = "testbed-l") -> Path:
     return model_dir(model) / f"moh_router_{round(active_heads * 100)}.safetensors"
 
 
+def shipped_lm(active_heads: float, model: str = "testbed-l") -> Path | None:
+    """The continue-tuned language model shipped with that router (``moh_router_75.lm.safetensors``), if any."""
+    router = shipped_router(active_heads, model)
+    path = router.with_name(router.stem + ".lm.safetensors")
+    return path if path.is_file() else None
+
+
+def shipped_config(active_heads: float, model: str = "testbed-l") -> MoHConfig:
+    """The learned-router config for a shipped testbed router (with its tuned language model when one is shipped)."""
+    lm = shipped_lm(active_heads, model)
+    return MoHConfig(router="learned", active_heads=active_heads, router_file=str(shipped_router(active_heads, model)),
+                     lm_file=None if lm is None else str(lm))  # fmt: skip
+
+
+class LanguageModelSwap:
+    """Swaps a continue-tuned language model's weights in for a patch's lifetime and restores the originals exactly.
+
+    The file must hold exactly the language model's state-dict keys with the same shapes (else a one-line
+    ``ValueError`` and nothing is touched); values are cast to each parameter's dtype and device on copy."""
+
+    def __init__(self, path: str) -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not Path(path).is_file():
+            raise ValueError(f"moh: lm_file {path} does not exist")
+        try:
+            self.state = load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"moh: lm_file {path} is not a safetensors file ({err})") from None
+        self.path = path
+        self.saved: dict[str, torch.Tensor] | None = None
+        self.module: torch.nn.Module | None = None
+
+    def apply(self, language_model: torch.nn.Module) -> None:
+        own = language_model.state_dict()
+        missing, extra = sorted(set(own) - set(self.state)), sorted(set(self.state) - set(own))
+        if missing or extra:
+            raise ValueError(f"moh: lm_file {self.path} does not fit this language model (missing {missing[:3]}, "
+                             f"unexpected {extra[:3]})")  # fmt: skip
+        wrong = [k for k, v in self.state.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            raise ValueError(f"moh: lm_file {self.path} has other shapes than this language model ({wrong[0]}: "
+                             f"{tuple(self.state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})")  # fmt: skip
+        self.saved = {k: v.detach().clone() for k, v in own.items()}
+        self.module = language_model
+        with torch.no_grad():
+            for key, value in own.items():
+                value.copy_(self.state[key])
+
+    def restore(self) -> None:
+        if self.saved is None or self.module is None:
+            return
+        with torch.no_grad():
+            for key, value in self.module.state_dict().items():
+                value.copy_(self.saved[key])
+        self.saved = self.module = None
+
+
 class MoH(Method):
     """Mixture-of-Head attention routing; see the module docstring."""
 
@@ -110,6 +176,7 @@ class MoH(Method):
         self.metadata: dict[str, str] = {}
         self._num_kv_heads = 0
         self._totals: dict[str, torch.Tensor | float] = {}
+        self._lm_swap: LanguageModelSwap | None = None
 
     @classmethod
     def example_config(cls) -> MoHConfig:
@@ -135,9 +202,17 @@ class MoH(Method):
         self.units = resolve_units(heads, self._num_kv_heads, c.active_heads, c.shared_heads, c.per_kv_group)
         if c.router == "learned":
             self.router, self.metadata = LearnedRouter.load(c.router_file)
+            if c.lm_file is not None:  # the router's fingerprint is the tuned model's: swap it in before the check
+                self._lm_swap = LanguageModelSwap(c.lm_file)
+                self._lm_swap.apply(ctx.adapter.language_model(ctx.model))
             check_router(self.router, self.metadata, ctx.model, self.units, c.check_fingerprint)
             self.router.to(next(ctx.model.parameters()).device)
         self._totals = {"tokens": 0.0, "active_heads": 0.0, "decode_groups": 0.0, "decode_groups_read": 0.0}
+
+    def unbind(self) -> None:
+        if self._lm_swap is not None:
+            self._lm_swap.restore()
+            self._lm_swap = None
 
     @property
     def is_noop(self) -> bool:

@@ -261,8 +261,10 @@ def check_router(
             f"of {units.routed} ({units.heads_per_unit} per unit); set active_heads/shared_heads/per_kv_group to match"
         )
     if check_fingerprint and meta.get("fingerprint") != model_fingerprint(model):
+        tuned = '"tune_lm": true' in meta.get("training", "")
+        hint = ("it was trained with a continue-tuned language model: pass lm_file='<router>.lm.safetensors'"
+                if tuned else "retrain with `vlm-accel train moh`, or pass check_fingerprint=False")  # fmt: skip
         raise ValueError(
             f"moh: this router was trained for another model ({meta.get('model_name') or 'unnamed'}, fingerprint "
-            f"{meta.get('fingerprint')}) than this one (fingerprint {model_fingerprint(model)}); retrain with "
-            "`vlm-accel train moh`, or pass check_fingerprint=False"
+            f"{meta.get('fingerprint')}) than this one (fingerprint {model_fingerprint(model)}); {hint}"
         )
