@@ -26,13 +26,16 @@ def arms(model: str, router_dir: Path | None = None) -> dict[str, object]:
     out: dict[str, object] = {"all heads (unpatched)": None}
     for share in (0.75, 0.5):
         out[f"qnorm {share:.0%}"] = MoHConfig(active_heads=share)
-        path = shipped_router(share, model)
-        path = path if router_dir is None else router_dir / path.name
-        lm = path.with_name(path.stem + ".lm.safetensors")  # a --tune-lm router's language model, if shipped
-        out[f"learned {share:.0%}"] = (
-            MoHConfig(router="learned", active_heads=share, router_file=str(path),
-                      lm_file=str(lm) if lm.is_file() else None) if path.is_file() else "missing"
-        )  # fmt: skip
+        for tuned in (False, True):
+            path = shipped_router(share, model, tuned)
+            path = path if router_dir is None else router_dir / path.name
+            lm = path.with_name(path.stem + ".lm.safetensors")  # a --tune-lm router's language model
+            name = f"learned{' +tuned LM' if tuned else ''} {share:.0%}"
+            if not path.is_file() or (tuned and not lm.is_file()):
+                out[name] = "missing"
+                continue
+            out[name] = MoHConfig(router="learned", active_heads=share, router_file=str(path),
+                                  lm_file=str(lm) if tuned else None)  # fmt: skip
         out[f"random {share:.0%}"] = RandomHeadsConfig(active_heads=share, seed=0)
     return out
 

@@ -290,3 +290,19 @@ def test_an_lm_file_that_does_not_fit_is_refused_and_leaves_the_model_unchanged(
         assert all(torch.equal(now[k], v) for k, v in original.items())
     with pytest.raises(ValueError, match="goes with router='learned' only"):
         MoHConfig(lm_file="x.safetensors")
+
+
+def test_shipped_tuned_router_runs_with_its_language_model_and_removal_restores_testbed_l():
+    from vlm_accel.methods.moh import shipped_config
+    from vlm_accel.testbed import load_model
+
+    m, _ = load_model("testbed-l")
+    original = {k: v.clone() for k, v in m.model.language_model.state_dict().items()}
+    config = shipped_config(0.75, tuned=True)
+    assert config.lm_file is not None
+    ids = torch.tensor([[2, 5, 6, 7]])
+    with torch.no_grad(), patch_model(m, config) as p:
+        assert torch.isfinite(m(input_ids=ids).logits).all()
+        assert p.stats.methods["moh"]["active_head_fraction"] == 0.75
+    now = m.model.language_model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in original.items())

@@ -96,25 +96,26 @@ class MoHConfig(MethodConfig):
         return f"moh-{self.router}-{share}{'-kv' if self.per_kv_group else ''}"
 
 
-def shipped_router(active_heads: float, model: str = "testbed-l") -> Path:
-    """The shipped learned router of a testbed model for an active fraction (e.g. 0.75 → ``moh_router_75.safetensors``)."""
+def shipped_router(active_heads: float, model: str = "testbed-l", tuned: bool = False) -> Path:
+    """A shipped learned router of a testbed model for an active fraction: ``moh_router_75.safetensors`` (trained on
+    the frozen model) or, with ``tuned=True``, ``moh_router_75_tuned.safetensors`` (trained with a short continue-tune
+    of the language model, shipped next to it as ``moh_router_75_tuned.lm.safetensors``)."""
     from vlm_accel.testbed.models import model_dir
 
-    return model_dir(model) / f"moh_router_{round(active_heads * 100)}.safetensors"
+    return model_dir(model) / f"moh_router_{round(active_heads * 100)}{'_tuned' if tuned else ''}.safetensors"
 
 
-def shipped_lm(active_heads: float, model: str = "testbed-l") -> Path | None:
-    """The continue-tuned language model shipped with that router (``moh_router_75.lm.safetensors``), if any."""
-    router = shipped_router(active_heads, model)
-    path = router.with_name(router.stem + ".lm.safetensors")
-    return path if path.is_file() else None
+def shipped_lm(active_heads: float, model: str = "testbed-l") -> Path:
+    """The continue-tuned language model shipped with the ``tuned`` router (``moh_router_75_tuned.lm.safetensors``)."""
+    router = shipped_router(active_heads, model, tuned=True)
+    return router.with_name(router.stem + ".lm.safetensors")
 
 
-def shipped_config(active_heads: float, model: str = "testbed-l") -> MoHConfig:
-    """The learned-router config for a shipped testbed router (with its tuned language model when one is shipped)."""
-    lm = shipped_lm(active_heads, model)
-    return MoHConfig(router="learned", active_heads=active_heads, router_file=str(shipped_router(active_heads, model)),
-                     lm_file=None if lm is None else str(lm))  # fmt: skip
+def shipped_config(active_heads: float, model: str = "testbed-l", tuned: bool = False) -> MoHConfig:
+    """The learned-router config of a shipped testbed router (``tuned``: with its continue-tuned language model)."""
+    return MoHConfig(router="learned", active_heads=active_heads,
+                     router_file=str(shipped_router(active_heads, model, tuned)),
+                     lm_file=str(shipped_lm(active_heads, model)) if tuned else None)  # fmt: skip
 
 
 class LanguageModelSwap:
