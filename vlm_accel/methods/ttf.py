@@ -136,13 +136,13 @@ class TTF(Method):
     def bind(self, ctx) -> None:
         super().bind(ctx)
         config = ctx.model.config
-        if ctx.model_type not in SUPPORTED_FAMILIES:
+        if ctx.model_type not in SUPPORTED_FAMILIES and self.config.keyframe_interval > 1:
             raise MethodNotApplicable(
                 f"ttf supports {SUPPORTED_FAMILIES} (pixel_values [images, 3, H, W], one visual token per patch); "
                 f"got model_type {ctx.model_type!r}"
             )
-        self.patch = int(config.vision_config.patch_size)
-        self.has_cls = config.vision_feature_select_strategy == "full"
+        self.patch = int(config.vision_config.patch_size) if ctx.model_type == "llava" else 0
+        self.has_cls = getattr(config, "vision_feature_select_strategy", None) == "full"
         layer = self.config.attention_layer
         if isinstance(layer, int):
             if layer >= ctx.num_layers:
