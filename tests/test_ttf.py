@@ -146,7 +146,7 @@ def test_noop_reproduces_unpatched_on_every_family_stream_and_clip(family, save_
     assert "_prepare_multimodal_encoder_kwargs_for_generation" not in m.__dict__
 
 
-FUSING = {"llava"}  # families where keyframe_interval > 1 fuses tokens
+FUSING = {"llava", "qwen2_vl", "qwen2_5_vl"}  # families where keyframe_interval > 1 fuses tokens
 
 
 @pytest.mark.parametrize("family", sorted(set(BUILDERS) - FUSING))

@@ -51,13 +51,12 @@ import torch
 from vlm_accel.config import MethodConfig, check_int, check_number
 from vlm_accel.errors import MethodNotApplicable
 from vlm_accel.methods.base import KIND_SELECTION, Method, ScoreRequest
-from vlm_accel.methods.ttf_fusion import fuse, grayscale, patch_difference, recompute_mask, top_k_mask
+from vlm_accel.methods.ttf_fusion import fuse, recompute_mask, top_k_mask
+from vlm_accel.methods.ttf_grids import FUSING_FAMILIES, FrameGrid, frame_grid
 from vlm_accel.runtime.plan import KeepPlan
 from vlm_accel.runtime.sequence import relative_positions
 from vlm_accel.runtime.state import ForwardState, ScoreTap
 from vlm_accel.runtime.vision import ImageReuse, VisualFeatures
-
-SUPPORTED_FAMILIES = ("llava",)
 
 
 @dataclass
@@ -83,7 +82,9 @@ class TTFConfig(MethodConfig):
         if isinstance(self.attention_layer, int) and not isinstance(self.attention_layer, bool):
             check_int("attention_layer", self.attention_layer, low=0)
         elif not 0.0 <= check_number("attention_layer", self.attention_layer) < 1.0:
-            raise ValueError(f"attention_layer as a depth fraction must be in [0, 1), got {self.attention_layer}")
+            raise ValueError(
+                f"attention_layer as a depth fraction must be in [0, 1), got {self.attention_layer}"
+            )
         if not isinstance(self.save_compute, bool):
             raise TypeError(f"save_compute must be a bool, got {self.save_compute!r}")
         if self.clip_keep not in ("reused", "latest"):
@@ -105,8 +106,8 @@ class FramePlan:
     stream: bool
     row_of_image: list[int]
     keyframe: list[bool]
-    recompute: torch.Tensor  # bool [images, tokens per image] (a CLS slot is always True)
-    gray: torch.Tensor  # [images, H, W]
+    recompute: list[torch.Tensor]  # per image: bool [tokens] (a leading CLS slot is always True)
+    gray: list[torch.Tensor]  # per image: its grayscale, as the family's grid pools it
     visual_positions: list[torch.Tensor]  # per row: window positions of its visual tokens, in order
     fused: dict[int, torch.Tensor] = field(default_factory=dict)  # image -> fused pre-projector tokens
     projected: dict[int, torch.Tensor] = field(default_factory=dict)  # image -> post-projector tokens
@@ -125,7 +126,14 @@ class TTF(Method):
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)
         self.changes_length = self.config.save_compute  # only the compute-saving mode shortens the sequence
-        self._counts = {"frames": 0, "keyframes": 0, "patches": 0, "reused": 0, "images_skipped": 0, "dropped": 0}
+        self._counts = {
+            "frames": 0,
+            "keyframes": 0,
+            "patches": 0,
+            "reused": 0,
+            "images_skipped": 0,
+            "dropped": 0,
+        }
 
     @classmethod
     def noop_config(cls) -> TTFConfig:
@@ -135,14 +143,13 @@ class TTF(Method):
 
     def bind(self, ctx) -> None:
         super().bind(ctx)
-        config = ctx.model.config
-        if ctx.model_type not in SUPPORTED_FAMILIES and self.config.keyframe_interval > 1:
+        grid = frame_grid(ctx.model_type, ctx.model.config)
+        if grid is None and self.config.keyframe_interval > 1:
             raise MethodNotApplicable(
-                f"ttf supports {SUPPORTED_FAMILIES} (pixel_values [images, 3, H, W], one visual token per patch); "
-                f"got model_type {ctx.model_type!r}"
+                f"ttf fuses tokens only on {', '.join(FUSING_FAMILIES)}, not on {ctx.model_type!r} (its image layout "
+                "has no fusion grid here); keyframe_interval=1, the no-op, binds on every family"
             )
-        self.patch = int(config.vision_config.patch_size) if ctx.model_type == "llava" else 0
-        self.has_cls = getattr(config, "vision_feature_select_strategy", None) == "full"
+        self.grid: FrameGrid | None = grid
         layer = self.config.attention_layer
         if isinstance(layer, int):
             if layer >= ctx.num_layers:
@@ -164,26 +171,17 @@ class TTF(Method):
             return
         if not state.layout.any_visual:
             return
-        if not torch.is_tensor(pixels) or pixels.dim() != 4:
-            raise ValueError("ttf: needs pixel_values [images, 3, H, W] (LLaVA-1.5 style), one entry per image")
-        height, width = pixels.shape[-2:]
-        if height % self.patch or width % self.patch:
-            raise ValueError(f"ttf: image size {height}×{width} is not a multiple of the patch size {self.patch}")
-        patches = (height // self.patch) * (width // self.patch)
-        per_image = patches + int(self.has_cls)
+        grid, lead = self.grid, self.grid.lead
+        grid.check(inputs)
+        units = grid.units(inputs)
         visual = state.layout.visual
         counts = visual.sum(dim=1).tolist()
-        if any(c % per_image for c in counts) or sum(counts) // per_image != pixels.shape[0]:
-            raise ValueError(
-                f"ttf: {pixels.shape[0]} images of {per_image} tokens do not match the rows' visual-token counts "
-                f"{counts}"
-            )
-        images_per_row = [c // per_image for c in counts]
-        row_of_image = [b for b, n in enumerate(images_per_row) for _ in range(n)]
+        row_of_image = _rows_of_images(units, counts)
+        images_per_row = [row_of_image.count(b) for b in range(state.batch)]
         positions = [visual[b].nonzero().flatten() for b in range(state.batch)]
-        gray = grayscale(pixels)
-        recompute = torch.ones(pixels.shape[0], per_image, dtype=torch.bool, device=pixels.device)
-        keyframe = [True] * pixels.shape[0]
+        gray = grid.gray(inputs)
+        recompute = [torch.ones(n, dtype=torch.bool, device=pixels.device) for n in units]
+        keyframe = [True] * len(units)
         stream = state.stream_state(self)
         if stream is not None:
             if any(n != 1 for n in images_per_row):
@@ -200,27 +198,33 @@ class TTF(Method):
             for image, b in enumerate(row_of_image):
                 row = rows.get(b)
                 t = 0 if row is None else row["t"]
-                if row is None or t % self.config.keyframe_interval == 0 or row["gray"].shape != gray[image].shape:
+                if (
+                    row is None
+                    or t % self.config.keyframe_interval == 0
+                    or row["gray"].shape != gray[image].shape
+                ):
                     continue
                 keyframe[image] = False
-                difference = patch_difference(row["gray"][None], gray[image][None], self.patch)[0]
+                difference = grid.difference(row["gray"], gray[image])
                 relevance = row.get("relevance")
                 mask = recompute_mask(
-                    difference,
+                    difference[None],
                     None if relevance is None else relevance[None],
                     self.config.pixel_threshold,
-                    self.config.top_k_count(patches),
+                    self.config.top_k_count(units[image] - lead),
                 )
-                recompute[image, int(self.has_cls) :] = mask.reshape(-1)
+                recompute[image][lead:] = mask[0]
         else:
             frame = 0
             for image, b in enumerate(row_of_image):
-                frame = frame + 1 if image > 0 and row_of_image[image - 1] == b else 0
+                same_row = image > 0 and row_of_image[image - 1] == b
+                # a frame of another size than the one before it is a keyframe (nothing to fuse it with)
+                frame = frame + 1 if same_row and gray[image - 1].shape == gray[image].shape else 0
                 if frame % self.config.keyframe_interval == 0:
                     continue
                 keyframe[image] = False
-                difference = patch_difference(gray[image - 1][None], gray[image][None], self.patch)[0]
-                recompute[image, int(self.has_cls) :] = difference > self.config.pixel_threshold
+                difference = grid.difference(gray[image - 1], gray[image])
+                recompute[image][lead:] = difference > self.config.pixel_threshold
         plan = FramePlan(stream is not None, row_of_image, keyframe, recompute, gray, positions)
         state.memo[(id(self), "plan")] = plan
 
@@ -246,22 +250,28 @@ class TTF(Method):
         if plan is None or features.call_index > 0:
             return None
         images = features.images.tolist() if features.images is not None else list(range(len(plan.keyframe)))
+        pieces = self.grid.split(features.features, features.where, images, state.pixel_inputs)
         if features.where == "post_projector":
             if self.config.save_compute and plan.stream:
-                for k, image in enumerate(images):
-                    plan.projected[image] = features.features[k].detach()
+                for piece, image in zip(pieces, images):
+                    plan.projected[image] = piece.detach()
             return None
         rows = state.stream_state(self)["rows"] if plan.stream else None
-        fused = features.features.clone()
-        last: dict[int, torch.Tensor] = {}  # clip mode: the row's latest fused frame (skipped frames equal it)
-        for k, image in enumerate(images):
+        fused: list[torch.Tensor] = []
+        last: dict[
+            int, torch.Tensor
+        ] = {}  # clip mode: the row's latest fused frame (skipped frames equal it)
+        for piece, image in zip(pieces, images):
             b = plan.row_of_image[image]
             if not plan.keyframe[image]:
                 cached = rows[b]["tokens"] if plan.stream else last[b]
-                fused[k] = fuse(features.features[k], cached, plan.recompute[image])
-            last[b] = fused[k]
-            plan.fused[image] = fused[k].detach()
-        return fused if not all(plan.keyframe) else None
+                piece = fuse(piece, cached, plan.recompute[image])
+            last[b] = piece
+            plan.fused[image] = piece.detach()
+            fused.append(piece)
+        if all(plan.keyframe):
+            return None
+        return self.grid.join(fused, features.where, images, state.pixel_inputs)
 
     # ------------------------------------------------------------------------------------------------ attention test
 
@@ -300,7 +310,7 @@ class TTF(Method):
         for b in plan.row_of_image:
             if bool(valid[b].any()):
                 per_token = scores[b, plan.visual_positions[b]]
-                plan.relevance[b] = per_token[int(self.has_cls) :].detach()
+                plan.relevance[b] = per_token[self.grid.lead :].detach()
 
     # ------------------------------------------------------------------------------------------------ dropping
 
@@ -331,13 +341,17 @@ class TTF(Method):
         plan = self._plan(state)
         if plan is None:
             return
-        cls = int(self.has_cls)
+        cls = self.grid.lead
         for image in range(len(plan.keyframe)):
             self._counts["frames"] += 1
             self._counts["keyframes"] += int(plan.keyframe[image])
-            self._counts["patches"] += plan.recompute.shape[1] - cls
+            self._counts["patches"] += len(plan.recompute[image]) - cls
             self._counts["reused"] += int(plan.reused(image)[cls:].sum())
-            skipped = self.config.save_compute and not plan.keyframe[image] and not bool(plan.recompute[image].any())
+            skipped = (
+                self.config.save_compute
+                and not plan.keyframe[image]
+                and not bool(plan.recompute[image].any())
+            )
             self._counts["images_skipped"] += int(skipped)
         if not plan.stream:
             return
@@ -357,6 +371,27 @@ class TTF(Method):
         if counts["patches"]:
             counts["reused_share"] = counts["reused"] / counts["patches"]
         return counts
+
+
+def _rows_of_images(units: list[int], counts: list[int]) -> list[int]:
+    """The batch row of each image, images in order filling each row's visual tokens (``counts``) in turn."""
+    rows: list[int] = []
+    b, filled = 0, 0
+    for n in units:
+        while b < len(counts) and filled == counts[b]:
+            b, filled = b + 1, 0
+        if b == len(counts) or filled + n > counts[b]:
+            break
+        rows.append(b)
+        filled += n
+    if (
+        len(rows) != len(units)
+        or [sum(n for n, r in zip(units, rows) if r == c) for c in range(len(counts))] != counts
+    ):
+        raise ValueError(
+            f"ttf: {len(units)} images of {units} tokens do not match the rows' visual-token counts {counts}"
+        )
+    return rows
 
 
 __all__ = ["TTF", "TTFConfig", "top_k_mask"]
