@@ -146,17 +146,17 @@ def test_noop_reproduces_unpatched_on_every_family_stream_and_clip(family, save_
     assert "_prepare_multimodal_encoder_kwargs_for_generation" not in m.__dict__
 
 
-FUSING = {"llava", "qwen2_vl", "qwen2_5_vl"}  # families where keyframe_interval > 1 fuses tokens
+def test_fusion_without_a_grid_is_not_applicable_but_the_noop_binds():
+    """LLaVA-NeXT with the CLS-keeping "full" feature strategy: no fusion grid (one CLS per crop is not mapped)."""
+    from tiny_models import tiny_llava_next
 
-
-@pytest.mark.parametrize("family", sorted(set(BUILDERS) - FUSING))
-def test_fusion_on_other_families_is_not_applicable_but_the_noop_binds(family):
-    m = family_model(family)
-    with pytest.raises(MethodNotApplicable, match=family) as err:
+    m = tiny_llava_next()
+    m.config.vision_feature_select_strategy = "full"
+    with pytest.raises(MethodNotApplicable, match="llava_next") as err:
         patch_model(m, "ttf")
     assert "\n" not in str(err.value)
     assert (
-        not m.model.__dict__.get("get_image_features")
+        "get_image_features" not in m.model.__dict__
         and "_prepare_multimodal_encoder_kwargs_for_generation" not in m.__dict__
     )
     patch_model(m, "ttf", keyframe_interval=1).remove()

@@ -194,11 +194,11 @@ def test_pixel_test_units_are_merged_tokens(family):
     from vlm_accel.methods.ttf_grids import frame_grid
 
     m = model(family)
-    grid = frame_grid(family, m.config)
+    grid = frame_grid(m)
     a, b = frames(3, 2, size=(56, 112))
-    inputs = batch([[a, b]])
-    gray = grid.gray(inputs)
-    assert grid.units(inputs) == [8, 8]
+    layout = grid.images(batch([[a, b]]), runs=[])
+    assert [image.units for image in layout] == [8, 8]
+    gray = [image.gray for image in layout]
     torch.testing.assert_close(grid.difference(gray[0], gray[1]), ref_unit_diff(a, b), rtol=0, atol=1e-6)
 
 

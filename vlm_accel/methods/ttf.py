@@ -52,7 +52,7 @@ from vlm_accel.config import MethodConfig, check_int, check_number
 from vlm_accel.errors import MethodNotApplicable
 from vlm_accel.methods.base import KIND_SELECTION, Method, ScoreRequest
 from vlm_accel.methods.ttf_fusion import fuse, recompute_mask, top_k_mask
-from vlm_accel.methods.ttf_grids import FUSING_FAMILIES, FrameGrid, frame_grid
+from vlm_accel.methods.ttf_grids import FUSING_FAMILIES, FrameGrid, ImageUnits, frame_grid
 from vlm_accel.runtime.plan import KeepPlan
 from vlm_accel.runtime.sequence import relative_positions
 from vlm_accel.runtime.state import ForwardState, ScoreTap
@@ -106,15 +106,23 @@ class FramePlan:
     stream: bool
     row_of_image: list[int]
     keyframe: list[bool]
-    recompute: list[torch.Tensor]  # per image: bool [tokens] (a leading CLS slot is always True)
-    gray: list[torch.Tensor]  # per image: its grayscale, as the family's grid pools it
-    visual_positions: list[torch.Tensor]  # per row: window positions of its visual tokens, in order
-    fused: dict[int, torch.Tensor] = field(default_factory=dict)  # image -> fused pre-projector tokens
-    projected: dict[int, torch.Tensor] = field(default_factory=dict)  # image -> post-projector tokens
-    relevance: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> [P] from this call's attention
+    recompute: list[torch.Tensor]  # per image: bool [units] (a leading CLS unit is always True)
+    layout: list[ImageUnits]  # per image: its units, grayscale and token → unit map
+    token_positions: list[torch.Tensor]  # per image: window positions of its LLM visual tokens, in order
+    fused: dict[int, torch.Tensor] = field(default_factory=dict)  # image -> fused pre-projector units
+    projected: dict[int, torch.Tensor] = field(default_factory=dict)  # image -> post-projector units
+    relevance: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> [units − lead] from this call
 
-    def reused(self, image: int) -> torch.Tensor:
-        return ~self.recompute[image]
+    def reused_tokens(self, image: int, units: int | None = None) -> torch.Tensor:
+        """Bool per LLM token of ``image``: it carries a reused unit (of image ``units``, default ``image``; a frame
+        with the same layout). Tokens of no unit (newlines) are never reused."""
+        reused = ~self.recompute[image if units is None else units]
+        token_unit = self.layout[image].token_map().to(reused.device)
+        return (token_unit >= 0) & reused[token_unit.clamp(min=0)]
+
+    def reaching(self, image: int, lead: int) -> torch.Tensor:
+        """Bool per LLM token of ``image``: it carries a (non-lead) unit."""
+        return self.layout[image].token_map() >= lead
 
 
 class TTF(Method):
@@ -143,7 +151,7 @@ class TTF(Method):
 
     def bind(self, ctx) -> None:
         super().bind(ctx)
-        grid = frame_grid(ctx.model_type, ctx.model.config)
+        grid = frame_grid(ctx.model)
         if grid is None and self.config.keyframe_interval > 1:
             raise MethodNotApplicable(
                 f"ttf fuses tokens only on {', '.join(FUSING_FAMILIES)}, not on {ctx.model_type!r} (its image layout "
@@ -166,22 +174,23 @@ class TTF(Method):
         return state.memo.get((id(self), "plan"))
 
     def on_forward_start(self, state: ForwardState, inputs: dict[str, Any]) -> None:
-        pixels = inputs.get("pixel_values")
-        if self.config.keyframe_interval == 1 or not state.is_prefill or pixels is None:
+        if self.config.keyframe_interval == 1 or not state.is_prefill or inputs.get("pixel_values") is None:
             return
         if not state.layout.any_visual:
             return
         grid, lead = self.grid, self.grid.lead
         grid.check(inputs)
-        units = grid.units(inputs)
         visual = state.layout.visual
-        counts = visual.sum(dim=1).tolist()
-        row_of_image = _rows_of_images(units, counts)
-        images_per_row = [row_of_image.count(b) for b in range(state.batch)]
         positions = [visual[b].nonzero().flatten() for b in range(state.batch)]
-        gray = grid.gray(inputs)
-        recompute = [torch.ones(n, dtype=torch.bool, device=pixels.device) for n in units]
-        keyframe = [True] * len(units)
+        layout = grid.images(inputs, _runs(positions))
+        row_of_image = _rows_of_images([image.tokens for image in layout], visual.sum(dim=1).tolist())
+        images_per_row = [row_of_image.count(b) for b in range(state.batch)]
+        token_positions, offsets = [], [0] * state.batch
+        for image, b in zip(layout, row_of_image):
+            token_positions.append(positions[b][offsets[b] : offsets[b] + image.tokens])
+            offsets[b] += image.tokens
+        recompute = [torch.ones(image.units, dtype=torch.bool, device=image.gray.device) for image in layout]
+        keyframe = [True] * len(layout)
         stream = state.stream_state(self)
         if stream is not None:
             if any(n != 1 for n in images_per_row):
@@ -196,41 +205,39 @@ class TTF(Method):
                 )
             rows = stream.setdefault("rows", {})
             for image, b in enumerate(row_of_image):
-                row = rows.get(b)
-                t = 0 if row is None else row["t"]
-                if (
-                    row is None
-                    or t % self.config.keyframe_interval == 0
-                    or row["gray"].shape != gray[image].shape
-                ):
+                row, current = rows.get(b), layout[image]
+                if row is None or row["t"] % self.config.keyframe_interval == 0:
                     continue
+                if not current.fusable or not current.same_layout(row["layout"]):
+                    continue  # another crop/tile layout (or a mixed token map): nothing to fuse with
                 keyframe[image] = False
-                difference = grid.difference(row["gray"], gray[image])
+                difference = grid.difference(row["layout"].gray, current.gray)
                 relevance = row.get("relevance")
                 mask = recompute_mask(
                     difference[None],
                     None if relevance is None else relevance[None],
                     self.config.pixel_threshold,
-                    self.config.top_k_count(units[image] - lead),
+                    self.config.top_k_count(int((current.token_map() >= lead).sum())),  # units on a token
                 )
                 recompute[image][lead:] = mask[0]
         else:
             frame = 0
             for image, b in enumerate(row_of_image):
-                same_row = image > 0 and row_of_image[image - 1] == b
-                # a frame of another size than the one before it is a keyframe (nothing to fuse it with)
-                frame = frame + 1 if same_row and gray[image - 1].shape == gray[image].shape else 0
+                current = layout[image]
+                same = image > 0 and row_of_image[image - 1] == b and current.same_layout(layout[image - 1])
+                # a frame whose layout differs from the one before it is a keyframe (nothing to fuse it with)
+                frame = frame + 1 if same and current.fusable else 0
                 if frame % self.config.keyframe_interval == 0:
                     continue
                 keyframe[image] = False
-                difference = grid.difference(gray[image - 1], gray[image])
+                difference = grid.difference(layout[image - 1].gray, current.gray)
                 recompute[image][lead:] = difference > self.config.pixel_threshold
-        plan = FramePlan(stream is not None, row_of_image, keyframe, recompute, gray, positions)
+        plan = FramePlan(stream is not None, row_of_image, keyframe, recompute, layout, token_positions)
         state.memo[(id(self), "plan")] = plan
 
     def reuse_images(self, state: ForwardState) -> ImageReuse | None:
         plan = self._plan(state)
-        if plan is None or not self.config.save_compute:
+        if plan is None or not self.config.save_compute or not self.grid.skips_images:
             return None
         rows = state.stream_state(self)["rows"] if plan.stream else None
         sources: list[int | torch.Tensor | None] = []
@@ -250,7 +257,7 @@ class TTF(Method):
         if plan is None or features.call_index > 0:
             return None
         images = features.images.tolist() if features.images is not None else list(range(len(plan.keyframe)))
-        pieces = self.grid.split(features.features, features.where, images, state.pixel_inputs)
+        pieces = self.grid.split(features.features, features.where, images, plan.layout, state.pixel_inputs)
         if features.where == "post_projector":
             if self.config.save_compute and plan.stream:
                 for piece, image in zip(pieces, images):
@@ -271,7 +278,7 @@ class TTF(Method):
             fused.append(piece)
         if all(plan.keyframe):
             return None
-        return self.grid.join(fused, features.where, images, state.pixel_inputs)
+        return self.grid.join(fused, features.where, images, plan.layout, state.pixel_inputs)
 
     # ------------------------------------------------------------------------------------------------ attention test
 
@@ -307,10 +314,15 @@ class TTF(Method):
         weights = valid.to(tap.probs.dtype)[..., None]
         mean = (tap.probs * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # mean over text rows
         scores = ScoreTap(mean, tap.rows, tap.window_index).window_scores(state.prefix_len, state.window_len)
-        for b in plan.row_of_image:
+        for image, b in enumerate(plan.row_of_image):  # a stream row carries one image
             if bool(valid[b].any()):
-                per_token = scores[b, plan.visual_positions[b]]
-                plan.relevance[b] = per_token[self.grid.lead :].detach()
+                per_token = scores[b, plan.token_positions[image].to(scores.device)].float()
+                token_unit = plan.layout[image].token_map().to(per_token.device)
+                per_unit = torch.full((plan.layout[image].units,), -math.inf, device=per_token.device)
+                per_unit[token_unit[token_unit >= 0]] = per_token[
+                    token_unit >= 0
+                ]  # units on no token: never top-k
+                plan.relevance[b] = per_unit[self.grid.lead :].detach()
 
     # ------------------------------------------------------------------------------------------------ dropping
 
@@ -319,17 +331,17 @@ class TTF(Method):
         if layer != 1 or plan is None or plan.stream or not self.config.save_compute or not state.is_prefill:
             return None
         reused = torch.zeros_like(state.layout.visual)
-        per_row: dict[int, list[torch.Tensor]] = {}
         images = plan.row_of_image
         for image, b in enumerate(images):
             if self.config.clip_keep == "reused":
-                drop = plan.reused(image)
+                drop = plan.reused_tokens(image)
             else:  # the same token's earlier copy goes; the copy in the latest frame that still carries it stays
-                same_row_next = image + 1 < len(images) and images[image + 1] == b
-                drop = plan.reused(image + 1) if same_row_next else torch.zeros_like(plan.reused(image))
-            per_row.setdefault(b, []).append(drop)
-        for b, masks in per_row.items():
-            reused[b, plan.visual_positions[b]] = torch.cat(masks).to(reused.device)
+                fused_next = (
+                    image + 1 < len(images) and images[image + 1] == b and not plan.keyframe[image + 1]
+                )
+                drop = plan.reused_tokens(image, units=image + 1) if fused_next else None
+            if drop is not None:
+                reused[b, plan.token_positions[image].to(reused.device)] = drop.to(reused.device)
         if not bool(reused.any()):
             return None
         self._counts["dropped"] += int(reused.sum())
@@ -341,17 +353,16 @@ class TTF(Method):
         plan = self._plan(state)
         if plan is None:
             return
-        cls = self.grid.lead
         for image in range(len(plan.keyframe)):
+            reaching = plan.reaching(image, self.grid.lead)  # tokens carrying a non-lead unit
             self._counts["frames"] += 1
             self._counts["keyframes"] += int(plan.keyframe[image])
-            self._counts["patches"] += len(plan.recompute[image]) - cls
-            self._counts["reused"] += int(plan.reused(image)[cls:].sum())
-            skipped = (
-                self.config.save_compute
-                and not plan.keyframe[image]
-                and not bool(plan.recompute[image].any())
+            self._counts["patches"] += int(reaching.sum())
+            self._counts["reused"] += int(
+                (plan.reused_tokens(image) & reaching.to(plan.recompute[image].device)).sum()
             )
+            skipped = self.grid.skips_images and self.config.save_compute and not plan.keyframe[image]
+            skipped = skipped and not bool(plan.recompute[image].any())
             self._counts["images_skipped"] += int(skipped)
         if not plan.stream:
             return
@@ -359,7 +370,7 @@ class TTF(Method):
         for image, b in enumerate(plan.row_of_image):
             row = rows.setdefault(b, {"t": 0})
             row["t"] += 1
-            row["gray"] = plan.gray[image]
+            row["layout"] = plan.layout[image]
             if image in plan.fused:
                 row["tokens"] = plan.fused[image]
             if image in plan.projected:
@@ -371,6 +382,17 @@ class TTF(Method):
         if counts["patches"]:
             counts["reused_share"] = counts["reused"] / counts["patches"]
         return counts
+
+
+def _runs(positions: list[torch.Tensor]) -> list[int]:
+    """Lengths of the contiguous runs of visual tokens, rows in order (InternVL: one run per image)."""
+    runs: list[int] = []
+    for row in positions:
+        if len(row):
+            breaks = (row[1:] - row[:-1] != 1).nonzero().flatten().tolist()
+            edges = [0, *[i + 1 for i in breaks], len(row)]
+            runs += [edges[i + 1] - edges[i] for i in range(len(edges) - 1)]
+    return runs
 
 
 def _rows_of_images(units: list[int], counts: list[int]) -> list[int]:
