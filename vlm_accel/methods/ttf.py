@@ -36,8 +36,14 @@ it, so which copy leaves is free: ``clip_keep="latest"`` (default) drops the ear
 latest frame that still carries that token (the last frame stays complete); ``"reused"`` drops the reused copies in
 the later frames (the literal reading; 15 points worse on the testbed, docs/methods/ttf.md). Same count either way.
 
-Families: LLaVA-1.5 (``pixel_values [images, 3, H, W]``, one visual token per patch; ``"full"`` strategy's CLS token
-is always recomputed). Others raise :class:`~vlm_accel.errors.MethodNotApplicable`.
+Families (the fusion unit is what one LLM visual token is made of; :mod:`vlm_accel.methods.ttf_grids`): LLaVA-1.5
+(a ViT patch; a ``"full"``-strategy CLS token is always recomputed), Qwen2-VL / Qwen2.5-VL (a merged 2×2 patch
+block, fused before the merger), InternVL (a pixel-shuffled 2×2 patch block of one tile), LLaVA-NeXT / OneVision
+(a patch of one anyres crop, mapped onto the packed tokens by the model's own packing). The tower skip of
+``save_compute`` needs images the runtime can encode apart: LLaVA-1.5 and Qwen-VL; on the tiled layouts every image
+is encoded and only the clip drop saves compute. ``keyframe_interval=1`` (the no-op) binds on every family;
+fusion on a layout without a grid (LLaVA-NeXT with a CLS per crop) raises
+:class:`~vlm_accel.errors.MethodNotApplicable`.
 """
 
 from __future__ import annotations
