@@ -79,7 +79,11 @@ def visual_token_count(model, row: Row) -> int:
         else:
             out = model.model.get_image_features(pixel_values=row.pixel_values[None])
     features = out.pooler_output
-    return sum(int(f.shape[0]) for f in features) if isinstance(features, list | tuple) else features.shape[:-1].numel()
+    return (
+        sum(int(f.shape[0]) for f in features)
+        if isinstance(features, list | tuple)
+        else features.shape[:-1].numel()
+    )
 
 
 def make_row(model, spec: RowSpec) -> Row:
@@ -107,7 +111,13 @@ def batch_inputs(model, rows: list[Row]) -> dict[str, torch.Tensor]:
     family = kind(model)
     if family == "qwen":
         inputs["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
-    images = [r for r in rows if r.pixel_values is not None]
+    return inputs | pixel_inputs(model, [r for r in rows if r.pixel_values is not None])
+
+
+def pixel_inputs(model, images: list[Row]) -> dict[str, torch.Tensor]:
+    """The family's pixel inputs for ``images`` (single-image rows), in order."""
+    family = kind(model)
+    inputs: dict[str, torch.Tensor] = {}
     if not images:
         return inputs
     if family == "anyres":
@@ -125,6 +135,13 @@ def batch_inputs(model, rows: list[Row]) -> dict[str, torch.Tensor]:
     else:
         inputs["pixel_values"] = torch.stack([r.pixel_values for r in images])
     return inputs
+
+
+def clip_inputs(model, clips: list[list[Row]]) -> dict[str, torch.Tensor]:
+    """Left-padded inputs where row ``b`` is the concatenation of the single-image rows ``clips[b]`` (their text and
+    image tokens in order: a multi-image prompt), with every row's images in order in the pixel inputs."""
+    merged = [Row(torch.cat([r.input_ids for r in clip]), None, None) for clip in clips]
+    return batch_inputs(model, merged) | pixel_inputs(model, [r for clip in clips for r in clip])
 
 
 def extend_inputs(inputs: dict[str, torch.Tensor], sequences: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -15,8 +15,9 @@ from vlm_accel.runtime.vision import ImageReuse
 from vlm_accel.testbed.frames import FrameNoise, noisy_frames
 
 from families import BUILDERS
+from inputs import Row, RowSpec, batch_inputs, clip_inputs, make_row
 from reference import masked_logits
-from tiny_models import IMAGE_TOKEN, PAD, tiny_llava
+from tiny_models import IMAGE_TOKEN, PAD, VIDEO_TOKEN, tiny_llava
 
 GRID, PATCH, TOKENS = 4, 8, 16
 ATOL = 1e-5
@@ -48,7 +49,9 @@ def batch(rows: list[list[torch.Tensor]], prefixes: list[int] | None = None) -> 
     return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixels}
 
 
-def frames(seed: int, count: int, changed: tuple[int, ...] = (0, 5), jitter: float = 0.01) -> list[torch.Tensor]:
+def frames(
+    seed: int, count: int, changed: tuple[int, ...] = (0, 5), jitter: float = 0.01
+) -> list[torch.Tensor]:
     """Frame 0 random; each next one = the previous + small noise everywhere (below the threshold) + a large change
     on ``changed`` patches, so fresh and cached tokens differ at every patch."""
     g = torch.Generator().manual_seed(seed)
@@ -93,10 +96,70 @@ def test_keyframe_every_frame_reproduces_unpatched_stream_and_clip(save_compute,
     assert torch.equal(got_gen, expected_gen)
 
 
-@pytest.mark.parametrize("family", sorted(set(BUILDERS) - {"llava"}))
-def test_other_families_are_not_applicable(family):
-    with pytest.raises(MethodNotApplicable):
-        patch_model(BUILDERS[family]("sdpa"), "ttf")
+GENERATE = {"max_new_tokens": 3, "do_sample": False, "suppress_tokens": [IMAGE_TOKEN, VIDEO_TOKEN]}
+SIZES = [(32, 32), (32, 64)]  # row b's image size (different visual-token counts except for LLaVA-1.5)
+
+
+@functools.cache
+def family_model(family: str):
+    return BUILDERS[family]("sdpa")
+
+
+def family_frame(family: str, b: int, t: int, prefix: int = 3) -> Row:
+    """Row ``b``'s frame ``t`` as a single-image row of the family (random pixels, seeded by ``b`` and ``t``)."""
+    return make_row(
+        family_model(family), RowSpec(prefix=prefix + 3 * b, image_size=SIZES[b], suffix=4, seed=10 * b + t)
+    )
+
+
+def valid_logits(m, inputs: dict) -> torch.Tensor:
+    return logits(m, inputs)[inputs["attention_mask"].bool()]
+
+
+def generated(m, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return m.generate(**inputs, **GENERATE)
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("save_compute", [False, True])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_noop_reproduces_unpatched_on_every_family_stream_and_clip(family, save_compute, rows):
+    """keyframe_interval=1 on every family: three stream calls (forward, and generate on the last) and a clip of three
+    images per row (forward and generate), batch 1 and a left-padded batch of 2, equal the unpatched model exactly —
+    generate() included, whose pre-prefill encoder step is shadowed while ttf is installed."""
+    m = family_model(family)
+    calls = [batch_inputs(m, [family_frame(family, b, t) for b in range(rows)]) for t in range(3)]
+    clip = clip_inputs(m, [[family_frame(family, b, t, prefix=1) for t in range(3)] for b in range(rows)])
+    expected = [valid_logits(m, x) for x in calls] + [valid_logits(m, clip)]
+    expected_gen = [generated(m, calls[-1]), generated(m, clip)]
+    with patch_model(m, TTFConfig(keyframe_interval=1, save_compute=save_compute)) as patch:
+        with patch.stream():
+            got = [valid_logits(m, x) for x in calls]
+            got_gen = [generated(m, calls[-1])]
+        got.append(valid_logits(m, clip))
+        got_gen.append(generated(m, clip))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(got_gen, expected_gen):
+        assert torch.equal(a, b)
+    assert "_prepare_multimodal_encoder_kwargs_for_generation" not in m.__dict__
+
+
+def test_fusion_without_a_grid_is_not_applicable_but_the_noop_binds():
+    """LLaVA-NeXT with the CLS-keeping "full" feature strategy: no fusion grid (one CLS per crop is not mapped)."""
+    from tiny_models import tiny_llava_next
+
+    m = tiny_llava_next()
+    m.config.vision_feature_select_strategy = "full"
+    with pytest.raises(MethodNotApplicable, match="llava_next") as err:
+        patch_model(m, "ttf")
+    assert "\n" not in str(err.value)
+    assert (
+        "get_image_features" not in m.model.__dict__
+        and "_prepare_multimodal_encoder_kwargs_for_generation" not in m.__dict__
+    )
+    patch_model(m, "ttf", keyframe_interval=1).remove()
 
 
 def test_single_image_outside_a_stream_is_a_keyframe():
@@ -235,7 +298,10 @@ def test_padded_batch_of_streams_equals_each_stream_alone():
 def test_reset_starts_a_new_episode_with_a_keyframe():
     m = model()
     seq = frames(31, 2)
-    with patch_model(m, TTFConfig(keyframe_interval=3, pixel_threshold=0.05, top_k=2)) as patch, patch.stream():
+    with (
+        patch_model(m, TTFConfig(keyframe_interval=3, pixel_threshold=0.05, top_k=2)) as patch,
+        patch.stream(),
+    ):
         logits(m, batch([seq[:1]]))
         fused = logits(m, batch([seq[1:]]))
         patch.reset()

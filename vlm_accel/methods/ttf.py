@@ -36,8 +36,14 @@ it, so which copy leaves is free: ``clip_keep="latest"`` (default) drops the ear
 latest frame that still carries that token (the last frame stays complete); ``"reused"`` drops the reused copies in
 the later frames (the literal reading; 15 points worse on the testbed, docs/methods/ttf.md). Same count either way.
 
-Families: LLaVA-1.5 (``pixel_values [images, 3, H, W]``, one visual token per patch; ``"full"`` strategy's CLS token
-is always recomputed). Others raise :class:`~vlm_accel.errors.MethodNotApplicable`.
+Families (the fusion unit is what one LLM visual token is made of; :mod:`vlm_accel.methods.ttf_grids`): LLaVA-1.5
+(a ViT patch; a ``"full"``-strategy CLS token is always recomputed), Qwen2-VL / Qwen2.5-VL (a merged 2×2 patch
+block, fused before the merger), InternVL (a pixel-shuffled 2×2 patch block of one tile), LLaVA-NeXT / OneVision
+(a patch of one anyres crop, mapped onto the packed tokens by the model's own packing). The tower skip of
+``save_compute`` needs images the runtime can encode apart: LLaVA-1.5 and Qwen-VL; on the tiled layouts every image
+is encoded and only the clip drop saves compute. ``keyframe_interval=1`` (the no-op) binds on every family;
+fusion on a layout without a grid (LLaVA-NeXT with a CLS per crop) raises
+:class:`~vlm_accel.errors.MethodNotApplicable`.
 """
 
 from __future__ import annotations
@@ -51,13 +57,12 @@ import torch
 from vlm_accel.config import MethodConfig, check_int, check_number
 from vlm_accel.errors import MethodNotApplicable
 from vlm_accel.methods.base import KIND_SELECTION, Method, ScoreRequest
-from vlm_accel.methods.ttf_fusion import fuse, grayscale, patch_difference, recompute_mask, top_k_mask
+from vlm_accel.methods.ttf_fusion import fuse, recompute_mask, top_k_mask
+from vlm_accel.methods.ttf_grids import FUSING_FAMILIES, FrameGrid, ImageUnits, frame_grid
 from vlm_accel.runtime.plan import KeepPlan
 from vlm_accel.runtime.sequence import relative_positions
 from vlm_accel.runtime.state import ForwardState, ScoreTap
 from vlm_accel.runtime.vision import ImageReuse, VisualFeatures
-
-SUPPORTED_FAMILIES = ("llava",)
 
 
 @dataclass
@@ -83,7 +88,9 @@ class TTFConfig(MethodConfig):
         if isinstance(self.attention_layer, int) and not isinstance(self.attention_layer, bool):
             check_int("attention_layer", self.attention_layer, low=0)
         elif not 0.0 <= check_number("attention_layer", self.attention_layer) < 1.0:
-            raise ValueError(f"attention_layer as a depth fraction must be in [0, 1), got {self.attention_layer}")
+            raise ValueError(
+                f"attention_layer as a depth fraction must be in [0, 1), got {self.attention_layer}"
+            )
         if not isinstance(self.save_compute, bool):
             raise TypeError(f"save_compute must be a bool, got {self.save_compute!r}")
         if self.clip_keep not in ("reused", "latest"):
@@ -105,15 +112,23 @@ class FramePlan:
     stream: bool
     row_of_image: list[int]
     keyframe: list[bool]
-    recompute: torch.Tensor  # bool [images, tokens per image] (a CLS slot is always True)
-    gray: torch.Tensor  # [images, H, W]
-    visual_positions: list[torch.Tensor]  # per row: window positions of its visual tokens, in order
-    fused: dict[int, torch.Tensor] = field(default_factory=dict)  # image -> fused pre-projector tokens
-    projected: dict[int, torch.Tensor] = field(default_factory=dict)  # image -> post-projector tokens
-    relevance: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> [P] from this call's attention
+    recompute: list[torch.Tensor]  # per image: bool [units] (a leading CLS unit is always True)
+    layout: list[ImageUnits]  # per image: its units, grayscale and token → unit map
+    token_positions: list[torch.Tensor]  # per image: window positions of its LLM visual tokens, in order
+    fused: dict[int, torch.Tensor] = field(default_factory=dict)  # image -> fused pre-projector units
+    projected: dict[int, torch.Tensor] = field(default_factory=dict)  # image -> post-projector units
+    relevance: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> [units − lead] from this call
 
-    def reused(self, image: int) -> torch.Tensor:
-        return ~self.recompute[image]
+    def reused_tokens(self, image: int, units: int | None = None) -> torch.Tensor:
+        """Bool per LLM token of ``image``: it carries a reused unit (of image ``units``, default ``image``; a frame
+        with the same layout). Tokens of no unit (newlines) are never reused."""
+        reused = ~self.recompute[image if units is None else units]
+        token_unit = self.layout[image].token_map().to(reused.device)
+        return (token_unit >= 0) & reused[token_unit.clamp(min=0)]
+
+    def reaching(self, image: int, lead: int) -> torch.Tensor:
+        """Bool per LLM token of ``image``: it carries a (non-lead) unit."""
+        return self.layout[image].token_map() >= lead
 
 
 class TTF(Method):
@@ -125,7 +140,14 @@ class TTF(Method):
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)
         self.changes_length = self.config.save_compute  # only the compute-saving mode shortens the sequence
-        self._counts = {"frames": 0, "keyframes": 0, "patches": 0, "reused": 0, "images_skipped": 0, "dropped": 0}
+        self._counts = {
+            "frames": 0,
+            "keyframes": 0,
+            "patches": 0,
+            "reused": 0,
+            "images_skipped": 0,
+            "dropped": 0,
+        }
 
     @classmethod
     def noop_config(cls) -> TTFConfig:
@@ -135,14 +157,13 @@ class TTF(Method):
 
     def bind(self, ctx) -> None:
         super().bind(ctx)
-        config = ctx.model.config
-        if ctx.model_type not in SUPPORTED_FAMILIES:
+        grid = frame_grid(ctx.model)
+        if grid is None and self.config.keyframe_interval > 1:
             raise MethodNotApplicable(
-                f"ttf supports {SUPPORTED_FAMILIES} (pixel_values [images, 3, H, W], one visual token per patch); "
-                f"got model_type {ctx.model_type!r}"
+                f"ttf fuses tokens only on {', '.join(FUSING_FAMILIES)}, not on {ctx.model_type!r} (its image layout "
+                "has no fusion grid here); keyframe_interval=1, the no-op, binds on every family"
             )
-        self.patch = int(config.vision_config.patch_size)
-        self.has_cls = config.vision_feature_select_strategy == "full"
+        self.grid: FrameGrid | None = grid
         layer = self.config.attention_layer
         if isinstance(layer, int):
             if layer >= ctx.num_layers:
@@ -159,31 +180,23 @@ class TTF(Method):
         return state.memo.get((id(self), "plan"))
 
     def on_forward_start(self, state: ForwardState, inputs: dict[str, Any]) -> None:
-        pixels = inputs.get("pixel_values")
-        if self.config.keyframe_interval == 1 or not state.is_prefill or pixels is None:
+        if self.config.keyframe_interval == 1 or not state.is_prefill or inputs.get("pixel_values") is None:
             return
         if not state.layout.any_visual:
             return
-        if not torch.is_tensor(pixels) or pixels.dim() != 4:
-            raise ValueError("ttf: needs pixel_values [images, 3, H, W] (LLaVA-1.5 style), one entry per image")
-        height, width = pixels.shape[-2:]
-        if height % self.patch or width % self.patch:
-            raise ValueError(f"ttf: image size {height}×{width} is not a multiple of the patch size {self.patch}")
-        patches = (height // self.patch) * (width // self.patch)
-        per_image = patches + int(self.has_cls)
+        grid, lead = self.grid, self.grid.lead
+        grid.check(inputs)
         visual = state.layout.visual
-        counts = visual.sum(dim=1).tolist()
-        if any(c % per_image for c in counts) or sum(counts) // per_image != pixels.shape[0]:
-            raise ValueError(
-                f"ttf: {pixels.shape[0]} images of {per_image} tokens do not match the rows' visual-token counts "
-                f"{counts}"
-            )
-        images_per_row = [c // per_image for c in counts]
-        row_of_image = [b for b, n in enumerate(images_per_row) for _ in range(n)]
         positions = [visual[b].nonzero().flatten() for b in range(state.batch)]
-        gray = grayscale(pixels)
-        recompute = torch.ones(pixels.shape[0], per_image, dtype=torch.bool, device=pixels.device)
-        keyframe = [True] * pixels.shape[0]
+        layout = grid.images(inputs, _runs(positions))
+        row_of_image = _rows_of_images([image.tokens for image in layout], visual.sum(dim=1).tolist())
+        images_per_row = [row_of_image.count(b) for b in range(state.batch)]
+        token_positions, offsets = [], [0] * state.batch
+        for image, b in zip(layout, row_of_image):
+            token_positions.append(positions[b][offsets[b] : offsets[b] + image.tokens])
+            offsets[b] += image.tokens
+        recompute = [torch.ones(image.units, dtype=torch.bool, device=image.gray.device) for image in layout]
+        keyframe = [True] * len(layout)
         stream = state.stream_state(self)
         if stream is not None:
             if any(n != 1 for n in images_per_row):
@@ -198,35 +211,39 @@ class TTF(Method):
                 )
             rows = stream.setdefault("rows", {})
             for image, b in enumerate(row_of_image):
-                row = rows.get(b)
-                t = 0 if row is None else row["t"]
-                if row is None or t % self.config.keyframe_interval == 0 or row["gray"].shape != gray[image].shape:
+                row, current = rows.get(b), layout[image]
+                if row is None or row["t"] % self.config.keyframe_interval == 0:
                     continue
+                if not current.fusable or not current.same_layout(row["layout"]):
+                    continue  # another crop/tile layout (or a mixed token map): nothing to fuse with
                 keyframe[image] = False
-                difference = patch_difference(row["gray"][None], gray[image][None], self.patch)[0]
+                difference = grid.difference(row["layout"].gray, current.gray)
                 relevance = row.get("relevance")
                 mask = recompute_mask(
-                    difference,
+                    difference[None],
                     None if relevance is None else relevance[None],
                     self.config.pixel_threshold,
-                    self.config.top_k_count(patches),
+                    self.config.top_k_count(int((current.token_map() >= lead).sum())),  # units on a token
                 )
-                recompute[image, int(self.has_cls) :] = mask.reshape(-1)
+                recompute[image][lead:] = mask[0]
         else:
             frame = 0
             for image, b in enumerate(row_of_image):
-                frame = frame + 1 if image > 0 and row_of_image[image - 1] == b else 0
+                current = layout[image]
+                same = image > 0 and row_of_image[image - 1] == b and current.same_layout(layout[image - 1])
+                # a frame whose layout differs from the one before it is a keyframe (nothing to fuse it with)
+                frame = frame + 1 if same and current.fusable else 0
                 if frame % self.config.keyframe_interval == 0:
                     continue
                 keyframe[image] = False
-                difference = patch_difference(gray[image - 1][None], gray[image][None], self.patch)[0]
-                recompute[image, int(self.has_cls) :] = difference > self.config.pixel_threshold
-        plan = FramePlan(stream is not None, row_of_image, keyframe, recompute, gray, positions)
+                difference = grid.difference(layout[image - 1].gray, current.gray)
+                recompute[image][lead:] = difference > self.config.pixel_threshold
+        plan = FramePlan(stream is not None, row_of_image, keyframe, recompute, layout, token_positions)
         state.memo[(id(self), "plan")] = plan
 
     def reuse_images(self, state: ForwardState) -> ImageReuse | None:
         plan = self._plan(state)
-        if plan is None or not self.config.save_compute:
+        if plan is None or not self.config.save_compute or not self.grid.skips_images:
             return None
         rows = state.stream_state(self)["rows"] if plan.stream else None
         sources: list[int | torch.Tensor | None] = []
@@ -246,22 +263,28 @@ class TTF(Method):
         if plan is None or features.call_index > 0:
             return None
         images = features.images.tolist() if features.images is not None else list(range(len(plan.keyframe)))
+        pieces = self.grid.split(features.features, features.where, images, plan.layout, state.pixel_inputs)
         if features.where == "post_projector":
             if self.config.save_compute and plan.stream:
-                for k, image in enumerate(images):
-                    plan.projected[image] = features.features[k].detach()
+                for piece, image in zip(pieces, images):
+                    plan.projected[image] = piece.detach()
             return None
         rows = state.stream_state(self)["rows"] if plan.stream else None
-        fused = features.features.clone()
-        last: dict[int, torch.Tensor] = {}  # clip mode: the row's latest fused frame (skipped frames equal it)
-        for k, image in enumerate(images):
+        fused: list[torch.Tensor] = []
+        last: dict[
+            int, torch.Tensor
+        ] = {}  # clip mode: the row's latest fused frame (skipped frames equal it)
+        for piece, image in zip(pieces, images):
             b = plan.row_of_image[image]
             if not plan.keyframe[image]:
                 cached = rows[b]["tokens"] if plan.stream else last[b]
-                fused[k] = fuse(features.features[k], cached, plan.recompute[image])
-            last[b] = fused[k]
-            plan.fused[image] = fused[k].detach()
-        return fused if not all(plan.keyframe) else None
+                piece = fuse(piece, cached, plan.recompute[image])
+            last[b] = piece
+            plan.fused[image] = piece.detach()
+            fused.append(piece)
+        if all(plan.keyframe):
+            return None
+        return self.grid.join(fused, features.where, images, plan.layout, state.pixel_inputs)
 
     # ------------------------------------------------------------------------------------------------ attention test
 
@@ -297,10 +320,15 @@ class TTF(Method):
         weights = valid.to(tap.probs.dtype)[..., None]
         mean = (tap.probs * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # mean over text rows
         scores = ScoreTap(mean, tap.rows, tap.window_index).window_scores(state.prefix_len, state.window_len)
-        for b in plan.row_of_image:
+        for image, b in enumerate(plan.row_of_image):  # a stream row carries one image
             if bool(valid[b].any()):
-                per_token = scores[b, plan.visual_positions[b]]
-                plan.relevance[b] = per_token[int(self.has_cls) :].detach()
+                per_token = scores[b, plan.token_positions[image].to(scores.device)].float()
+                token_unit = plan.layout[image].token_map().to(per_token.device)
+                per_unit = torch.full((plan.layout[image].units,), -math.inf, device=per_token.device)
+                per_unit[token_unit[token_unit >= 0]] = per_token[
+                    token_unit >= 0
+                ]  # units on no token: never top-k
+                plan.relevance[b] = per_unit[self.grid.lead :].detach()
 
     # ------------------------------------------------------------------------------------------------ dropping
 
@@ -309,17 +337,17 @@ class TTF(Method):
         if layer != 1 or plan is None or plan.stream or not self.config.save_compute or not state.is_prefill:
             return None
         reused = torch.zeros_like(state.layout.visual)
-        per_row: dict[int, list[torch.Tensor]] = {}
         images = plan.row_of_image
         for image, b in enumerate(images):
             if self.config.clip_keep == "reused":
-                drop = plan.reused(image)
+                drop = plan.reused_tokens(image)
             else:  # the same token's earlier copy goes; the copy in the latest frame that still carries it stays
-                same_row_next = image + 1 < len(images) and images[image + 1] == b
-                drop = plan.reused(image + 1) if same_row_next else torch.zeros_like(plan.reused(image))
-            per_row.setdefault(b, []).append(drop)
-        for b, masks in per_row.items():
-            reused[b, plan.visual_positions[b]] = torch.cat(masks).to(reused.device)
+                fused_next = (
+                    image + 1 < len(images) and images[image + 1] == b and not plan.keyframe[image + 1]
+                )
+                drop = plan.reused_tokens(image, units=image + 1) if fused_next else None
+            if drop is not None:
+                reused[b, plan.token_positions[image].to(reused.device)] = drop.to(reused.device)
         if not bool(reused.any()):
             return None
         self._counts["dropped"] += int(reused.sum())
@@ -331,13 +359,16 @@ class TTF(Method):
         plan = self._plan(state)
         if plan is None:
             return
-        cls = int(self.has_cls)
         for image in range(len(plan.keyframe)):
+            reaching = plan.reaching(image, self.grid.lead)  # tokens carrying a non-lead unit
             self._counts["frames"] += 1
             self._counts["keyframes"] += int(plan.keyframe[image])
-            self._counts["patches"] += plan.recompute.shape[1] - cls
-            self._counts["reused"] += int(plan.reused(image)[cls:].sum())
-            skipped = self.config.save_compute and not plan.keyframe[image] and not bool(plan.recompute[image].any())
+            self._counts["patches"] += int(reaching.sum())
+            self._counts["reused"] += int(
+                (plan.reused_tokens(image) & reaching.to(plan.recompute[image].device)).sum()
+            )
+            skipped = self.grid.skips_images and self.config.save_compute and not plan.keyframe[image]
+            skipped = skipped and not bool(plan.recompute[image].any())
             self._counts["images_skipped"] += int(skipped)
         if not plan.stream:
             return
@@ -345,7 +376,7 @@ class TTF(Method):
         for image, b in enumerate(plan.row_of_image):
             row = rows.setdefault(b, {"t": 0})
             row["t"] += 1
-            row["gray"] = plan.gray[image]
+            row["layout"] = plan.layout[image]
             if image in plan.fused:
                 row["tokens"] = plan.fused[image]
             if image in plan.projected:
@@ -357,6 +388,38 @@ class TTF(Method):
         if counts["patches"]:
             counts["reused_share"] = counts["reused"] / counts["patches"]
         return counts
+
+
+def _runs(positions: list[torch.Tensor]) -> list[int]:
+    """Lengths of the contiguous runs of visual tokens, rows in order (InternVL: one run per image)."""
+    runs: list[int] = []
+    for row in positions:
+        if len(row):
+            breaks = (row[1:] - row[:-1] != 1).nonzero().flatten().tolist()
+            edges = [0, *[i + 1 for i in breaks], len(row)]
+            runs += [edges[i + 1] - edges[i] for i in range(len(edges) - 1)]
+    return runs
+
+
+def _rows_of_images(units: list[int], counts: list[int]) -> list[int]:
+    """The batch row of each image, images in order filling each row's visual tokens (``counts``) in turn."""
+    rows: list[int] = []
+    b, filled = 0, 0
+    for n in units:
+        while b < len(counts) and filled == counts[b]:
+            b, filled = b + 1, 0
+        if b == len(counts) or filled + n > counts[b]:
+            break
+        rows.append(b)
+        filled += n
+    if (
+        len(rows) != len(units)
+        or [sum(n for n, r in zip(units, rows) if r == c) for c in range(len(counts))] != counts
+    ):
+        raise ValueError(
+            f"ttf: {len(units)} images of {units} tokens do not match the rows' visual-token counts {counts}"
+        )
+    return rows
 
 
 __all__ = ["TTF", "TTFConfig", "top_k_mask"]

@@ -14,7 +14,8 @@ overrides ``reuse_images`` the runtime shadows the base model's ``get_image_feat
 "encode it", "reuse image ``j``'s features of this call" or "use these post-projector features"; the tower and the
 projector then run only on the images to encode (``pixel_values[encode]``), and the hooks above see only those
 (``VisualFeatures.images``). Supported where the images are independent rows of ``pixel_values`` with no
-``image_sizes`` (LLaVA-1.5); elsewhere every image is encoded.
+``image_sizes`` (LLaVA-1.5) and for flattened patches with ``image_grid_thw`` (Qwen2-VL / Qwen2.5-VL, each image's
+rows); elsewhere every image is encoded.
 """
 
 from __future__ import annotations
@@ -93,6 +94,38 @@ def vision_encoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
 
 
+def _image_subset(pixel_values: Any, args: tuple, kwargs: dict) -> tuple[int, Any] | None:
+    """``(images in the call, take)`` where ``take(indices)`` gives ``get_image_features``' arguments for those
+    images alone, or None when the images cannot be encoded apart.
+
+    LLaVA-1.5: one row of ``pixel_values [images, 3, H, W]`` per image (no ``image_sizes``). Qwen2-VL / Qwen2.5-VL:
+    flattened patches ``[Σ t·h·w, d]`` with ``image_grid_thw`` (the second argument), each image's ``t·h·w`` rows in
+    order; the tower attends within an image (and within windows of it), so a subset encodes each image as the full
+    call does.
+    """
+    if not torch.is_tensor(pixel_values) or kwargs.get("image_sizes") is not None:
+        return None
+    if pixel_values.dim() == 4:
+        return pixel_values.shape[0], lambda indices: (pixel_values[indices], args, kwargs)
+    grid = args[0] if args else kwargs.get("image_grid_thw")
+    if (
+        pixel_values.dim() != 2
+        or not torch.is_tensor(grid)
+        or int(grid.prod(-1).sum()) != pixel_values.shape[0]
+    ):
+        return None
+    starts = torch.cumsum(grid.prod(-1), 0) - grid.prod(-1)
+
+    def take(indices: list[int]) -> tuple[torch.Tensor, tuple, dict]:
+        rows = torch.cat([torch.arange(int(starts[i]), int(starts[i] + grid[i].prod())) for i in indices])
+        sub_grid = grid[indices]
+        if args:
+            return pixel_values[rows.to(pixel_values.device)], (sub_grid, *args[1:]), kwargs
+        return pixel_values[rows.to(pixel_values.device)], args, {**kwargs, "image_grid_thw": sub_grid}
+
+    return grid.shape[0], take
+
+
 class VisionHooks:
     """Installs the projector and vision-layer hooks that the runtime's methods ask for."""
 
@@ -110,7 +143,9 @@ class VisionHooks:
         wanted -= {None}
         bad = wanted - {"pre_projector", "post_projector"}
         if bad:
-            raise ValueError(f"visual_features_at must be 'pre_projector' or 'post_projector', got {sorted(bad)}")
+            raise ValueError(
+                f"visual_features_at must be 'pre_projector' or 'post_projector', got {sorted(bad)}"
+            )
         taps = sorted({i for m in methods for i in m.vision_tap_layers()})
         reusing = self._install_image_reuse()
         if wanted or taps or reusing:
@@ -130,7 +165,9 @@ class VisionHooks:
                 raise ValueError(f"{model.config.model_type}: no vision-encoder layers found to tap")
             for index in taps:
                 if not -len(layers) <= index < len(layers):
-                    raise ValueError(f"vision layer {index} is out of range for this {len(layers)}-layer tower")
+                    raise ValueError(
+                        f"vision layer {index} is out of range for this {len(layers)}-layer tower"
+                    )
                 hook = functools.partial(self._tap, index)
                 self.handles.append(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
 
@@ -139,7 +176,9 @@ class VisionHooks:
             handle.remove()
         self.handles.clear()
         base = getattr(self.runtime.model, "model", None)
-        if getattr(vars(base).get("get_image_features") if base is not None else None, "_vlm_accel_reuse", False):
+        if getattr(
+            vars(base).get("get_image_features") if base is not None else None, "_vlm_accel_reuse", False
+        ):
             del base.get_image_features  # the class method is visible again
         model = self.runtime.model
         if getattr(model.__dict__.get(_PRE_ENCODE), "_vlm_accel_defer", False):
@@ -176,7 +215,9 @@ class VisionHooks:
         if len(reusing) > 1:
             raise ValueError(f"only one method may skip vision-tower images, got {[m.name for m in reusing]}")
         if not hasattr(base, "get_image_features"):
-            raise ValueError(f"{self.runtime.model.config.model_type}: no get_image_features to skip images in")
+            raise ValueError(
+                f"{self.runtime.model.config.model_type}: no get_image_features to skip images in"
+            )
         original = base.get_image_features  # bound class method
         method = reusing[0]
 
@@ -184,17 +225,17 @@ class VisionHooks:
         def get_image_features(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             state = self.runtime.state
             reuse = method.reuse_images(state) if state is not None else None
-            sliceable = torch.is_tensor(pixel_values) and pixel_values.dim() == 4 and kwargs.get("image_sizes") is None
-            if reuse is None or not sliceable or len(reuse.encoded) == len(reuse.sources):
+            subset = _image_subset(pixel_values, args, kwargs)
+            if reuse is None or subset is None or len(reuse.encoded) == len(reuse.sources):
                 return original(pixel_values, *args, **kwargs)
-            if len(reuse.sources) != pixel_values.shape[0]:
-                raise ValueError(
-                    f"{method.name}: reuse_images named {len(reuse.sources)} images for {pixel_values.shape[0]}"
-                )
+            count, take = subset
+            if len(reuse.sources) != count:
+                raise ValueError(f"{method.name}: reuse_images named {len(reuse.sources)} images for {count}")
             encoded = reuse.encoded
             state.memo["vision_images"] = torch.tensor(encoded, dtype=torch.long)
             if encoded:
-                output = original(pixel_values[encoded], *args, **kwargs)
+                sub_pixels, sub_args, sub_kwargs = take(encoded)
+                output = original(sub_pixels, *sub_args, **sub_kwargs)
                 fresh = list(output.pooler_output)
             else:
                 output, fresh = BaseModelOutputWithPooling(), []
@@ -204,7 +245,9 @@ class VisionHooks:
                     features.append(fresh.pop(0))
                 elif isinstance(source, int):
                     if not 0 <= source < i:
-                        raise ValueError(f"{method.name}: image {i} may reuse only an earlier image, got {source}")
+                        raise ValueError(
+                            f"{method.name}: image {i} may reuse only an earlier image, got {source}"
+                        )
                     features.append(features[source])
                 else:
                     features.append(source.to(device=pixel_values.device))
