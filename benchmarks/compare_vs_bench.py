@@ -48,8 +48,13 @@ def one_run(args: argparse.Namespace) -> list[dict]:
     if len(bench["rows"]) != len(compare["rows"]):
         raise RuntimeError("compare and bench timed different settings")
     out = []
+    out.append({"setting": "unpatched", "runs": {"compare_prefill_s": compare["rows"][0].get("prefill_s_runs"),
+                                                 "bench_ttft_cpu_s": bench["rows"][0].get("ttft_cpu_s_runs")}})
     for row, b in zip(compare["rows"][1:], bench["rows"][1:]):  # both in plan order, unpatched first
-        entry = {"setting": b["arm"]}
+        entry = {"setting": b["arm"], "runs": {
+            "compare_prefill_s": row.get("prefill_s_runs"), "bench_ttft_cpu_s": b.get("ttft_cpu_s_runs"),
+            "compare_decode_step_s": row.get("decode_step_s_runs"), "bench_decode_step_cpu_s": b.get("decode_step_cpu_s_runs"),
+        }}
         for name, ckey, bkey in (("prefill/TTFT", "prefill_speedup", "ttft_cpu_speedup"),
                                  ("decode step", "decode_speedup", "decode_cpu_speedup")):  # fmt: skip
             c_med, c_rng = row.get(ckey), row.get(ckey + "_range")

@@ -115,3 +115,22 @@ def test_pareto_plot_with_labels_and_error_bars(tmp_path):
     ]
     path = pareto_plot(rows, tmp_path / "p.png", x="x", y="acc", series="series", x_range="xr", y_err="ci")
     assert path.read_bytes()[:4] == PNG_MAGIC
+
+
+def test_round_schedule_brackets_every_setting_with_reference_runs():
+    from vlm_accel.eval.timing import bracket_references, round_schedule
+
+    assert round_schedule(5, 0, reference_every=3) == [0, 1, 2, 3, 0, 4, 0]
+    assert round_schedule(5, 1, reference_every=3) == [0, 4, 3, 2, 0, 1, 0]
+    assert round_schedule(1, 0) == [0]
+    order = round_schedule(12, 0, reference_every=5)
+    assert order.count(0) == 4 and sorted(i for i in order if i) == list(range(1, 12))
+    # each setting is compared with the mean of the reference runs just before and after it
+    values = [10.0, 1.0, 2.0, 3.0, 14.0, 4.0, 18.0]  # references at positions 0, 4, 6
+    refs = bracket_references([0, 1, 2, 3, 0, 4, 0], values, lambda v: sum(v) / len(v))
+    assert refs == [None, 12.0, 12.0, 12.0, None, 16.0, None]
+    # a missing reference value (e.g. no decode step) falls back to the next reference out
+    refs = bracket_references([0, 1, 0, 2, 0], [4.0, 1.0, None, 2.0, 8.0], lambda v: sum(v) / len(v))
+    assert refs == [None, 6.0, None, 6.0, None]
+    with pytest.raises(ValueError, match="positions but"):
+        bracket_references([0, 1], [1.0], max)

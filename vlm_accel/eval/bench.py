@@ -472,16 +472,26 @@ def _static_row(model: torch.nn.Module, arm: Arm, batch: int, inputs: dict, sett
 
 
 def _measure_batch(model, all_arms: list[Arm], batch: int, settings: BenchSettings, bar, task) -> list[dict]:
-    """Interleaved timings of every arm at one batch size (warm-up runs discarded), then one row per arm."""
+    """Interleaved timings of every arm at one batch size (warm-up rounds discarded), then one row per arm.
+
+    Each repeat is a round in the order of :func:`vlm_accel.eval.timing.round_schedule` (the unpatched arm first,
+    again after every few arms and last; rounds alternate direction) — the schedule ``vlm-accel compare`` uses — and
+    each run's CPU-time ratios are taken against the unpatched runs right around it."""
+    from vlm_accel.eval.timing import bracket_references, round_schedule
+
     inputs = bench_inputs(model, batch, settings)
     timings: dict[str, dict[str, list]] = {a.label: defaultdict(list) for a in all_arms}
     vision: list[float] = []
+    keys = ("prefill", "e2e", "prefill_cpu", "e2e_cpu", "ttft", "ttft_cpu", "step", "step_cpu", "mem")
     for rep in range(settings.warmup + settings.repeats):
         measured = rep >= settings.warmup
         clock = time_vision(model, inputs, settings.device)
         if measured:
             vision.append(clock.wall)
-        for arm in all_arms:
+        order = round_schedule(len(all_arms), rep)
+        runs: list[dict[str, Any]] = []
+        for index in order:
+            arm = all_arms[index]
             bar.update(task, description=f"batch {batch} · {arm.label} · {'run' if measured else 'warm-up'}")
             steps = StepClock(settings.device)
             with applied(model, arm):
@@ -489,19 +499,25 @@ def _measure_batch(model, all_arms: list[Arm], batch: int, settings: BenchSettin
                 # generate, unpatch), so the two tools' TTFT and decode columns measure the same thing
                 e2e, mem = time_generate(model, inputs, settings.device, settings.new_tokens, steps)
                 prefill, _ = time_prefill(model, inputs, settings.device)
-            if measured:
-                t = timings[arm.label]
-                t["prefill"].append(prefill.wall)
-                t["e2e"].append(e2e.wall)
-                t["prefill_cpu"].append(prefill.cpu)
-                t["e2e_cpu"].append(e2e.cpu)
-                step_wall, step_cpu = steps.median_step()
-                t["ttft"].append(steps.ttft[0])
-                t["ttft_cpu"].append(steps.ttft[1])
-                t["step"].append(step_wall)
-                t["step_cpu"].append(step_cpu)
-                t["mem"].append(mem)
+            step_wall, step_cpu = steps.median_step()
+            runs.append({"prefill": prefill.wall, "e2e": e2e.wall, "prefill_cpu": prefill.cpu, "e2e_cpu": e2e.cpu,
+                         "ttft": steps.ttft[0], "ttft_cpu": steps.ttft[1], "step": step_wall, "step_cpu": step_cpu,
+                         "mem": mem})  # fmt: skip
             bar.advance(task)
+        if not measured:
+            continue
+        for key in ("prefill_cpu", "ttft_cpu", "step_cpu"):  # each run's reference: the unpatched runs around it
+            refs = bracket_references(order, [r[key] for r in runs], statistics.fmean)
+            for run, ref in zip(runs, refs):
+                run["reference_" + key] = ref
+        for index, arm in enumerate(all_arms):
+            mine = [r for i, r in zip(order, runs) if i == index]
+            t = timings[arm.label]
+            for key in keys:  # the unpatched arm runs several times per round: its median stands for the round
+                values = [r[key] for r in mine if r[key] is not None]
+                t[key].append(statistics.median(values) if values else None)
+            for key in ("prefill_cpu", "ttft_cpu", "step_cpu"):
+                t["reference_" + key].append(t[key][-1] if index == 0 else mine[0]["reference_" + key])
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     for arm in all_arms:
@@ -523,6 +539,9 @@ def _measure_batch(model, all_arms: list[Arm], batch: int, settings: BenchSettin
                 decode_step_cpu_s=statistics.median(t["step_cpu"]), ttft_cpu_s=statistics.median(t["ttft_cpu"]),
                 ttft_cpu_s_runs=t["ttft_cpu"],
                 prefill_cpu_s_runs=t["prefill_cpu"], e2e_cpu_s_runs=t["e2e_cpu"], decode_step_cpu_s_runs=t["step_cpu"],
+                reference_cpu_s_runs={"prefill_cpu_s_runs": t["reference_prefill_cpu"],
+                                      "ttft_cpu_s_runs": t["reference_ttft_cpu"],
+                                      "decode_step_cpu_s_runs": t["reference_step_cpu"]},
             )  # fmt: skip
         rows.append(row)
     return rows
@@ -540,7 +559,10 @@ def run_bench(settings: BenchSettings, arms: Sequence[Arm], progress: bool = Tru
         with applied(model, arm):
             pass
     rows: list[dict[str, Any]] = []
-    runs = len(settings.batch_sizes) * len(all_arms) * (settings.warmup + settings.repeats)
+    from vlm_accel.eval.timing import round_schedule
+
+    per_round = len(round_schedule(len(all_arms), 0))
+    runs = len(settings.batch_sizes) * per_round * (settings.warmup + settings.repeats)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         disable=not progress, transient=False,
@@ -584,8 +606,11 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             for key, runs in (("prefill_cpu_speedup", "prefill_cpu_s_runs"), ("ttft_cpu_speedup", "ttft_cpu_s_runs"),
                               ("decode_cpu_speedup", "decode_step_cpu_s_runs")):  # fmt: skip
                 if row.get(runs) and ref.get(runs):
-                    # arms are interleaved, so repeat i of every arm ran under the same load: pair them
-                    row[key], *row[key + "_range"] = paired_speedups(ref[runs], row[runs])
+                    # arms are interleaved: pair each run with the unpatched runs around it in the same round
+                    reference = row.get("reference_cpu_s_runs", {}).get(runs) or ref[runs]
+                    pairs = [(r, m) for r, m in zip(reference, row[runs]) if r is not None and m is not None]
+                    if pairs:
+                        row[key], *row[key + "_range"] = paired_speedups(*zip(*pairs))
             vision = row.get("vision_s")
             if vision is not None and row["prefill_s"] > vision:
                 # the LM's share of the prefill (prefill minus the vision tower), the part FLOPs-ideal describes

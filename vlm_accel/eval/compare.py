@@ -10,8 +10,10 @@ the share of visual tokens kept. Then it times every setting on one batch, inter
   before it, e.g. SGL's guide generation);
 - decode: one decode step, timed directly inside the same ``generate()`` (:class:`~vlm_accel.eval.bench.StepClock`);
 
-both as speed-ups over the unpatched model of the same round (> 1: faster), median and min–max over the rounds.
-On CPU the clock is this process's CPU time on one thread, which other processes on the machine barely move.
+both as speed-ups over the unpatched model of the same round (> 1: faster), median and min–max over the rounds;
+the unpatched model runs again after every few settings and each run is compared with the unpatched runs right
+around it (:mod:`vlm_accel.eval.timing`, the schedule ``vlm-accel bench`` uses too). On CPU the clock is this
+process's CPU time on one thread, which other processes move much less than wall time.
 Prints a rich table, writes JSON and a Pareto plot. Defaults fit a first run (n=60, 3 rounds, under 3 min on one
 free core); ``--full`` is the README table's run (n=200, 5 rounds).
 """
@@ -33,6 +35,7 @@ import torch
 
 from vlm_accel.config import MethodConfig
 from vlm_accel.eval.bench import StepClock, paired_speedups, time_generate
+from vlm_accel.eval.timing import REFERENCE_EVERY
 
 DEFAULT_KEEP_RATIOS = (0.5, 0.25, 0.1)
 DECODE_TOKENS = 16  # one prefill + 15 directly timed decode steps (cheap next to the prefill) per generate()
@@ -66,16 +69,27 @@ def _default_methods() -> tuple[str, ...]:
 @dataclass
 class SettingTimes:
     """Per-round timings of one setting: (wall, process-CPU) seconds of the prefill (TTFT) and of one decode step
-    (median of the directly timed steps of that round's ``generate()``)."""
+    (median of the directly timed steps of that round's ``generate()``), and the matching unpatched reference of
+    each round (the mean of the unpatched runs around it, :func:`vlm_accel.eval.timing.bracket_references`; for the
+    unpatched setting itself, the median of its runs in the round)."""
 
     ttft: list[tuple[float, float]] = field(default_factory=list)
     step: list[tuple[float, float] | None] = field(default_factory=list)
+    reference_ttft: list[tuple[float, float]] = field(default_factory=list)
+    reference_step: list[tuple[float, float] | None] = field(default_factory=list)
 
 
 def _timed_generate(model, inputs: dict, device: str) -> tuple[tuple[float, float], tuple[float, float] | None]:
     clock = StepClock(device)
     time_generate(model, inputs, device, DECODE_TOKENS, steps=clock)
     return clock.ttft, clock.median_step()
+
+
+def _median_pair(values: list) -> tuple[float, float] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)
 
 
 def interleaved_rounds(
@@ -86,18 +100,19 @@ def interleaved_rounds(
     device: str = "cpu",
     on_run: Callable[[int, int], None] | None = None,
 ) -> list[SettingTimes]:
-    """Time every setting once per round (patch, one ``generate()``, unpatch), after one unpatched warm-up run.
-
-    Rounds alternate direction (forward, then backward) so no setting always runs right after another, and load
-    drift hits every setting alike within a round: ratios are taken per round (:func:`paired_speedups`).
-    ``on_run(round, setting)`` is called after each timed run (progress).
-    """
+    """Time every setting once per round (patch, one ``generate()``, unpatch) after one unpatched warm-up run, in the
+    order of :func:`vlm_accel.eval.timing.round_schedule` (``configs[0]`` is the reference: it runs first, after
+    every few settings and last; rounds alternate direction). Ratios are then taken against each run's bracketing
+    reference runs (:func:`paired_speedups` over the rounds). ``on_run(round, setting)`` is called after each timed
+    run (progress)."""
     from vlm_accel.api import patch_model
+    from vlm_accel.eval.timing import bracket_references, mean_pair, round_schedule
 
     times = [SettingTimes() for _ in configs]
     _timed_generate(model, inputs, device)  # warm-up: allocator, first-call costs
     for round_index in range(rounds):
-        order = range(len(configs)) if round_index % 2 == 0 else reversed(range(len(configs)))
+        order = round_schedule(len(configs), round_index)
+        ttfts, steps = [], []
         for i in order:
             config = configs[i]
             if config is None:
@@ -105,11 +120,32 @@ def interleaved_rounds(
             else:
                 with patch_model(model, config):
                     ttft, step = _timed_generate(model, inputs, device)
-            times[i].ttft.append(ttft)
-            times[i].step.append(step)
+            ttfts.append(ttft)
+            steps.append(step)
             if on_run is not None:
                 on_run(round_index, i)
+        ref_ttft = bracket_references(order, ttfts, mean_pair)
+        ref_step = bracket_references(order, steps, mean_pair)
+        own_ttft = _median_pair([t for i, t in zip(order, ttfts) if i == 0])
+        own_step = _median_pair([t for i, t in zip(order, steps) if i == 0])
+        times[0].ttft.append(own_ttft)
+        times[0].step.append(own_step)
+        times[0].reference_ttft.append(own_ttft)
+        times[0].reference_step.append(own_step)
+        for position, i in enumerate(order):
+            if i != 0:
+                times[i].ttft.append(ttfts[position])
+                times[i].step.append(steps[position])
+                times[i].reference_ttft.append(ref_ttft[position])
+                times[i].reference_step.append(ref_step[position])
     return times
+
+
+def runs_per_round(settings: int) -> int:
+    """Timed runs in one round of :func:`interleaved_rounds` (settings plus the extra reference runs)."""
+    from vlm_accel.eval.timing import round_schedule
+
+    return len(round_schedule(settings, 0))
 
 
 def interleaved_timings(
@@ -188,15 +224,15 @@ def _row(label: str, config: MethodConfig | None, result, keep_fraction: float) 
 
 
 def add_speed(rows: list[dict[str, Any]], times: Sequence[SettingTimes], clock: str) -> None:
-    """Per-round paired speed-ups over ``rows[0]`` (unpatched): median and (min, max)."""
+    """Per-round speed-ups over each run's bracketing unpatched reference runs: median and (min, max)."""
     which = 0 if clock == "wall" else 1
-    base = times[0]
     for row, t in zip(rows, times):
         ttft = [x[which] for x in t.ttft]
         row["prefill_s_runs"] = ttft
         row["prefill_s"] = statistics.median(ttft)
-        row["prefill_speedup"], *row["prefill_speedup_range"] = paired_speedups([x[which] for x in base.ttft], ttft)
-        pairs = [(b[which], s[which]) for b, s in zip(base.step, t.step) if b is not None and s is not None]
+        row["reference_prefill_s_runs"] = [x[which] for x in t.reference_ttft]
+        row["prefill_speedup"], *row["prefill_speedup_range"] = paired_speedups(row["reference_prefill_s_runs"], ttft)
+        pairs = [(b[which], s[which]) for b, s in zip(t.reference_step, t.step) if b is not None and s is not None]
         row["decode_step_s_runs"] = [s[which] if s is not None else None for s in t.step]
         if pairs:
             row["decode_step_s"] = statistics.median(s for _, s in pairs)
@@ -282,7 +318,7 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
         bar.update(accuracy, description="accuracy")
         phase_cpu["accuracy"] = time.process_time() - started[1] - sum(phase_cpu.values())
 
-        timing = bar.add_task("timing", total=len(plans) * settings.timing_rounds)
+        timing = bar.add_task("timing", total=runs_per_round(len(plans)) * settings.timing_rounds)
 
         def on_run(round_index: int, i: int) -> None:
             label, config = plans[i]
@@ -301,6 +337,7 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
         "seed": settings.seed,
         "batch_size": settings.batch_size,
         "timing_rounds": settings.timing_rounds,
+        "reference_every": REFERENCE_EVERY,
         "decode_tokens": DECODE_TOKENS,
         "timing_prompt_tokens": int(timing_inputs["input_ids"].shape[1]),
         "clock": clock,
@@ -356,7 +393,8 @@ def print_table(result: dict[str, Any]) -> None:
         f"n={result['n']} questions; yes@absent-co: yes-rate on absent co-occurring objects (hallucination; few "
         f"questions at this n). Speed-ups are over unpatched (> 1: faster): prefill = time to first token inside "
         f"generate() (SGL: guide included), decode-step = one decode step timed directly; median (min–max) of "
-        f"{result['timing_rounds']} interleaved rounds on one batch of {result['batch_size']} "
+        f"{result['timing_rounds']} interleaved rounds (each run against the unpatched runs around it) on one batch "
+        f"of {result['batch_size']} "
         f"({result['timing_prompt_tokens']} prompt tokens), {result['clock']} time, {result['device']}, "
         f"{result['torch_threads']} thread(s). Ran in {result['elapsed_wall_s']:.0f} s wall, "
         f"{result['elapsed_cpu_s']:.0f} s CPU."
