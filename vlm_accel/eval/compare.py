@@ -39,7 +39,7 @@ from vlm_accel.eval.timing import REFERENCE_EVERY
 
 DEFAULT_KEEP_RATIOS = (0.5, 0.25, 0.1)
 DECODE_TOKENS = 16  # one prefill + 15 directly timed decode steps (cheap next to the prefill) per generate()
-QUICK = {"n": 60, "rounds": 3}  # 161 s wall on one free core with 23 settings (2026-12-02)
+QUICK = {"n": 60, "rounds": 3}  # 1 min 54 s wall with 23 settings, the other core busy (2026-12-02)
 FULL = {"n": 200, "rounds": 5}
 
 
