@@ -111,7 +111,8 @@ def pareto_plot(
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[str(row[series])].append(row)
-    for name, items in groups.items():
+    palette = plt.get_cmap("tab20" if len(groups) > 10 else "tab10")  # one distinct colour per series
+    for index, (name, items) in enumerate(groups.items()):
         items = sorted(items, key=lambda r: float(r[x]))
         xs, ys = [float(r[x]) for r in items], [float(r[y]) for r in items]
         xerr = None
@@ -120,7 +121,7 @@ def pareto_plot(
                     [max(0.0, float(r[x_range][1]) - v) for v, r in zip(xs, items)]]  # fmt: skip
         yerr = [float(r[y_err]) for r in items] if y_err and all(r.get(y_err) is not None for r in items) else None
         line = ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", markersize=4, capsize=2, elinewidth=0.8,
-                           label=name)  # fmt: skip
+                           label=name, color=palette(index % palette.N))  # fmt: skip
         color = line[0].get_color()
         for r, px, py in zip(items, xs, ys):
             if r.get("label"):
