@@ -29,13 +29,16 @@ def test_compare_runs_every_requested_method_and_writes_json_and_plot(tmp_path, 
     build_processor().save_pretrained(model_dir)
     out = tmp_path / "out"
     code = main(["compare", "--model", str(model_dir), "--n", "4", "--batch-size", "4", "--keep", "0.5,0.25",
-                 "--methods", "fastv,random,pai,paint", "--rounds", "2", "--out", str(out), "--no-progress"])  # fmt: skip
+                 "--methods", "fastv,random,pai,paint,moh", "--rounds", "2", "--out", str(out), "--no-progress"])  # fmt: skip
     assert code == 0
     result = json.loads((out / "compare.json").read_text())
     labels = [(row["label"], row["setting"]) for row in result["rows"]]
     assert labels == [("unpatched", "—"), ("fastv", "keep 0.5"), ("fastv", "keep 0.25"), ("random", "keep 0.5"),
-                      ("random", "keep 0.25"), ("pai", "alpha=0.2")]  # fmt: skip
+                      ("random", "keep 0.25"), ("pai", "alpha=0.2"), ("moh-qnorm-75%", "router=qnorm"),
+                      ("moh-qnorm-50%", "router=qnorm")]  # fmt: skip
     assert "paint" in result["skipped"]  # the testbed's 1-layer tower has no penultimate layer
+    # the shipped testbed-l router (and its tuned language model) does not fit this model: that setting is skipped
+    assert "does not fit" in result["skipped"]["moh-learned-75%+tuned-LM router=learned"]
     assert result["clock"] == "process CPU" and result["torch_threads"] == 1 and result["timing_rounds"] == 2
     for row in result["rows"]:
         assert set(row["per_family"]) <= {"color", "shape", "count", "exist", "position"}

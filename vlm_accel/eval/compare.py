@@ -253,14 +253,18 @@ def _plans(model, settings: CompareSettings) -> tuple[list[tuple[str, MethodConf
     plans: list[tuple[str, MethodConfig | None]] = [("unpatched", None)]
     skipped: dict[str, str] = {}
     for name in settings.methods or _default_methods():
-        try:
-            configs = get_method_class(name).sweep_configs(settings.keep_ratios)
-            with patch_model(model, configs[0]):
-                pass  # binding raises MethodNotApplicable for a method that cannot act on this model
-        except MethodNotApplicable as err:
-            skipped[name] = str(err)
-            continue
-        plans.extend((config.label(), config) for config in configs)
+        configs = get_method_class(name).sweep_configs(settings.keep_ratios)
+        for config in configs:
+            try:
+                with patch_model(model, config):
+                    pass  # binding raises for a setting that cannot act on this model
+            except MethodNotApplicable as err:
+                skipped[name] = str(err)
+                break  # the method as a whole does not apply
+            except ValueError as err:  # e.g. a shipped router trained for another model
+                skipped[f"{config.label()} {setting_text(config)}"] = str(err)
+                continue
+            plans.append((config.label(), config))
     return plans, skipped
 
 

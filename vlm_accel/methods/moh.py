@@ -93,7 +93,7 @@ class MoHConfig(MethodConfig):
 
     def label(self) -> str:
         share = f"{self.active_heads:.0%}" if isinstance(self.active_heads, float) else f"{self.active_heads}h"
-        return f"moh-{self.router}-{share}{'-kv' if self.per_kv_group else ''}"
+        return f"moh-{self.router}-{share}{'-kv' if self.per_kv_group else ''}{'+tuned-LM' if self.lm_file else ''}"
 
 
 def shipped_router(active_heads: float, model: str = "testbed-l", tuned: bool = False) -> Path:
@@ -190,9 +190,14 @@ class MoH(Method):
 
     @classmethod
     def sweep_configs(cls, keep_ratios) -> list[MethodConfig]:
-        """``vlm-accel compare``: the qnorm router at 75 % and 50 % of heads. (Learned routers belong to one model's
-        weights, which this hook cannot see; ``benchmarks/moh_testbed.py`` evaluates the shipped ones.)"""
-        return [MoHConfig(active_heads=0.75), MoHConfig(active_heads=0.5)]
+        """``vlm-accel compare``: the qnorm router at 75 % and 50 % of heads, and the shipped testbed-l learned router
+        at 75 % with its continue-tuned language model when present (on another model compare skips it: the router's
+        fingerprint check refuses it). ``benchmarks/moh_testbed.py`` evaluates every shipped router."""
+        configs: list[MethodConfig] = [MoHConfig(active_heads=0.75), MoHConfig(active_heads=0.5)]
+        tuned = shipped_config(0.75, tuned=True)
+        if Path(tuned.router_file).is_file() and Path(tuned.lm_file).is_file():
+            configs.append(tuned)
+        return configs
 
     def bind(self, ctx) -> None:
         super().bind(ctx)
