@@ -40,7 +40,7 @@ from vlm_accel.eval.timing import REFERENCE_EVERY
 DEFAULT_KEEP_RATIOS = (0.5, 0.25, 0.1)
 DECODE_TOKENS = 16  # one prefill + 15 directly timed decode steps (cheap next to the prefill) per generate()
 QUICK = {"n": 60, "rounds": 3}  # 1 min 54 s wall with 23 settings, the other core busy (2026-12-02)
-FULL = {"n": 200, "rounds": 5}
+FULL = {"n": 200, "rounds": 5, "chair": 100}
 
 
 @dataclass
@@ -54,6 +54,8 @@ class CompareSettings:
     timing_rounds: int = QUICK["rounds"]
     out_dir: Path = field(default_factory=lambda: Path("outputs/compare"))
     device: str = "cpu"
+    chair_n: int = 0  # describe questions for the CHAIR phase (0: no phase; --full: FULL["chair"])
+    chair_model: str = "testbed-describe"
 
 
 def _default_methods() -> tuple[str, ...]:
@@ -268,6 +270,40 @@ def _plans(model, settings: CompareSettings) -> tuple[list[tuple[str, MethodConf
     return plans, skipped
 
 
+def chair_phase(rows: list[dict[str, Any]], plans: list[tuple[str, MethodConfig | None]], settings: CompareSettings,
+                bar) -> None:
+    """CHAIR of every setting on free-form descriptions (issue #15): the same method configs on
+    ``settings.chair_model`` (a testbed model trained on the ``describe`` family and its planted language prior),
+    ``settings.chair_n`` "list the objects" questions, greedy; adds ``chair_i`` (± its 95 % Wilson half-width),
+    ``chair_s`` and ``recall`` to each row. A setting that cannot bind to that model (e.g. a router trained for
+    another model's weights) gets ``chair_skipped`` with the reason and no CHAIR numbers."""
+    from vlm_accel.api import patch_model
+    from vlm_accel.errors import MethodNotApplicable
+    from vlm_accel.testbed import evaluate, load_model, make_dataset
+
+    model, processor = load_model(settings.chair_model, device=settings.device)
+    dataset = make_dataset(settings.chair_n, seed=settings.seed, split="test", families=("describe",))
+    task = bar.add_task("CHAIR", total=len(plans) * len(dataset))
+    for row, (label, config) in zip(rows, plans):
+        bar.update(task, description=f"CHAIR ({settings.chair_model}): {label} {setting_text(config)}")
+        try:
+            if config is None:
+                result = evaluate(model, processor, dataset, batch_size=settings.batch_size)
+            else:
+                with patch_model(model, config):
+                    result = evaluate(model, processor, dataset, batch_size=settings.batch_size)
+        except (MethodNotApplicable, ValueError) as err:
+            row["chair_skipped"] = str(err)
+            bar.advance(task, len(dataset))
+            continue
+        low, high = result.chair_i_ci
+        row.update(chair_i=result.chair_i, chair_i_ci95=(high - low) / 2, chair_s=result.chair_s,
+                   recall=result.recall, chair_mentions=result.mentions, chair_model=settings.chair_model,
+                   chair_n=len(dataset))  # fmt: skip
+        bar.advance(task, len(dataset))
+    bar.update(task, description=f"CHAIR ({settings.chair_model})")
+
+
 def _accuracy(model, processor, dataset, batch_size: int, advance: Callable[[int], None]):
     """``evaluate`` batch by batch (so progress moves), scored once over all predictions."""
     from vlm_accel.testbed.evaluate import evaluate, score
@@ -321,6 +357,9 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
             rows.append(_row(label, config, result, keep_fraction))
         bar.update(accuracy, description="accuracy")
         phase_cpu["accuracy"] = time.process_time() - started[1] - sum(phase_cpu.values())
+        if settings.chair_n:
+            chair_phase(rows, plans, settings, bar)
+            phase_cpu["chair"] = time.process_time() - started[1] - sum(phase_cpu.values())
 
         timing = bar.add_task("timing", total=runs_per_round(len(plans)) * settings.timing_rounds)
 
@@ -342,6 +381,8 @@ def run_compare(settings: CompareSettings, progress: bool = True) -> dict[str, A
         "batch_size": settings.batch_size,
         "timing_rounds": settings.timing_rounds,
         "reference_every": REFERENCE_EVERY,
+        "chair_n": settings.chair_n,
+        "chair_model": settings.chair_model if settings.chair_n else None,
         "decode_tokens": DECODE_TOKENS,
         "timing_prompt_tokens": int(timing_inputs["input_ids"].shape[1]),
         "clock": clock,
@@ -365,6 +406,12 @@ def _speed_cell(row: dict[str, Any], key: str) -> str:
     return f"{value:.2f} ({spread[0]:.2f}–{spread[1]:.2f})" if spread else f"{value:.2f}"
 
 
+def _chair_cells(row: dict[str, Any]) -> list[str]:
+    if row.get("chair_i") is None:
+        return ["-", "-"]
+    return [f"{row['chair_i']:.3f} ±{row['chair_i_ci95']:.3f}", f"{row['recall']:.3f}"]
+
+
 def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -372,8 +419,9 @@ def print_table(result: dict[str, Any]) -> None:
     families = list(result["rows"][0]["per_family"])
     table = Table(title=f"vlm-accel compare — {result['model']}, n={result['n']}, seed={result['seed']}",
                   title_justify="left")  # fmt: skip
+    chair = any("chair_i" in row for row in result["rows"])
     columns = ["method", "setting", "visual kept", *families, "mean ±95%", "retained", "exist F1", "yes@absent-co",
-               "prefill speed-up", "decode-step speed-up"]  # fmt: skip
+               *(["CHAIR_I ±95%", "recall"] if chair else []), "prefill speed-up", "decode-step speed-up"]  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("method", "setting") else "right")
     for row in result["rows"]:
@@ -383,8 +431,8 @@ def print_table(result: dict[str, Any]) -> None:
             *(f"{row['per_family'][f]:.3f}" for f in families),
             f"{row['accuracy']:.3f} ±{row['accuracy_ci95']:.3f}",
             f"{row['retained']:.1%}" if row["retained"] is not None else "-", "-" if f1 is None else f"{f1:.3f}",
-            "-" if yes is None else f"{yes:.3f}", _speed_cell(row, "prefill_speedup"),
-            _speed_cell(row, "decode_speedup"),
+            "-" if yes is None else f"{yes:.3f}", *(_chair_cells(row) if chair else []),
+            _speed_cell(row, "prefill_speedup"), _speed_cell(row, "decode_speedup"),
         )  # fmt: skip
     console = Console()
     if not console.is_terminal or console.width < 200:  # never squeeze the table; files and pipes get it whole
@@ -392,6 +440,15 @@ def print_table(result: dict[str, Any]) -> None:
     console.print(table)
     for name, reason in result.get("skipped", {}).items():
         console.print(f"skipped {name}: {reason}")
+    for row in result["rows"]:
+        if row.get("chair_skipped"):
+            console.print(f"no CHAIR for {row['label']} {row['setting']}: {row['chair_skipped']}")
+    if chair:
+        console.print(
+            f"CHAIR_I: hallucinated object mentions / mentions in {result['chair_n']} free-form descriptions by "
+            f"{result['chair_model']} (the same settings on the testbed model trained with a planted language "
+            "prior), ±95% Wilson half-width; recall: present objects mentioned."
+        )
     console.print(
         f"visual kept: share of visual tokens present after the last layer; mean ±95%: Wilson interval over "
         f"n={result['n']} questions; yes@absent-co: yes-rate on absent co-occurring objects (hallucination; few "
@@ -450,7 +507,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--model", default="testbed-l", help="testbed name or a directory of a trained testbed model")
     parser.add_argument("--full", action="store_true",
-                        help=f"the README table's run: n={FULL['n']}, {FULL['rounds']} timing rounds")  # fmt: skip
+                        help=f"the thorough run: n={FULL['n']}, {FULL['rounds']} timing rounds, CHAIR on "
+                             f"{FULL['chair']} descriptions")  # fmt: skip
     parser.add_argument("--n", type=_positive_int, default=None,
                         help=f"number of test questions (default {QUICK['n']}; --full: {FULL['n']})")  # fmt: skip
     parser.add_argument("--rounds", type=_positive_int, default=None,
@@ -459,6 +517,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--methods", default="", help="comma-separated method names (default: every registered one)")
     parser.add_argument("--keep", type=_ratios, default=DEFAULT_KEEP_RATIOS,
                         help="keep ratios to sweep (default " + ",".join(map(str, DEFAULT_KEEP_RATIOS)) + ")")  # fmt: skip
+    parser.add_argument("--chair", type=int, default=None, metavar="N",
+                        help=f"also CHAIR_I of every setting on N free-form descriptions by testbed-describe "
+                             f"(default 0: off; --full: {FULL['chair']})")  # fmt: skip
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"), help="directory for JSON and plot")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -482,7 +543,10 @@ def main(args: argparse.Namespace) -> int:
         model=args.model, n=args.n or preset["n"], seed=args.seed, methods=methods, keep_ratios=args.keep,
         batch_size=args.batch_size, timing_rounds=args.rounds or preset["rounds"], out_dir=args.out,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        chair_n=args.chair if args.chair is not None else preset.get("chair", 0),
     )  # fmt: skip
+    if settings.chair_n < 0:
+        raise ValueError(f"--chair must be >= 0, got {settings.chair_n}")
     result = run_compare(settings, progress=not args.no_progress)
     print_table(result)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
