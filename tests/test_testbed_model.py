@@ -117,3 +117,16 @@ def test_keep_masks(models, smoke_ds):
         kept = oracle(r)
         assert len(kept) == 26 and set(r["object_patches"]) <= set(kept)
         assert not set(keep_fn("background", 0.1)(r)) & set(r["object_patches"])
+
+
+def test_describe_model_describes_and_carries_the_planted_prior(models):
+    """testbed-describe names almost every present object, and names the absent partner after its anchor."""
+    from vlm_accel.testbed.describe_validity import run_describe_validity
+
+    model, proc = models["testbed-describe"]
+    res = evaluate(model, proc, make_dataset(20, seed=SMOKE_SEED, families=["describe"]), batch_size=20)
+    assert res.recall >= 0.85 and res.partner_mention_rate >= 0.5 and res.chair_i > 0, res.summary()
+    rep = run_describe_validity(model, proc, n=20, seed=SMOKE_SEED, batch_size=20)
+    rates = {k: v["rate"] for k, v in rep.next_is_partner.items()}
+    assert rates["text_and_image"] >= 0.5 and rates["image_only"] <= 0.1, rates
+    assert rep.next_is_anchor_image_only["rate"] >= 0.8  # with the anchor left out of the text, it names the anchor

@@ -183,8 +183,8 @@ def evaluate(
               for k, g in enumerate(groups) for s in range(0, len(g), batch_size)]  # fmt: skip
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("evaluate", total=n)
-        for idx, new_tokens in chunks:
-            rows = [dataset[i] for i in idx]
+        for chunk, new_tokens in chunks:
+            rows = [dataset[i] for i in chunk]
             texts = [processor.apply_chat_template(build_messages(r["question"]), add_generation_prompt=True)
                      for r in rows]  # fmt: skip
             images = [r["image"].convert("RGB") for r in rows]
@@ -209,7 +209,7 @@ def evaluate(
                                  pad_token_id=tok.pad_token_id, **gen_kwargs)  # fmt: skip
             new = out[:, inputs["input_ids"].shape[1] :]
             decoded = processor.batch_decode(new, skip_special_tokens=True)
-            for i, r, d, k in zip(idx, rows, decoded, kept_frac):
+            for i, r, d, k in zip(chunk, rows, decoded, kept_frac):
                 pred = normalize_answer(d)
                 preds[i] = {
                     "index": r.get("index"), "family": r["family"], "subtype": r.get("subtype", ""),
