@@ -11,7 +11,7 @@ from vlm_accel.testbed.evaluate import build_messages
 SMOKE_SEED = 424242  # never used in training
 # Chance per family: color 1/6, shape 1/5, count 1/6 (0..5), exist 1/2, position 1/4 → mean ≈ 0.26.
 # Thresholds sit well above chance (and the always-"no" prior on exist) but below the shipped models' accuracy.
-SMOKE_MIN_MEAN = {"testbed-l": 0.75, "testbed-s": 0.70}
+SMOKE_MIN_MEAN = {"testbed-l": 0.75, "testbed-s": 0.70, "testbed-describe": 0.75}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,14 @@ def test_models_load_offline_and_share_the_vision_tower(models, monkeypatch):
     assert proc_l.tokenizer.get_vocab() == proc_s.tokenizer.get_vocab()
     assert proc_l.chat_template == proc_s.chat_template and proc_l.chat_template
     assert large.config.to_dict()["text_config"]["hidden_size"] == make_config("testbed-l").text_config.hidden_size
+    describe, proc_d = models["testbed-describe"]  # testbed-l's frozen tower and projector, extended vocabulary
+    for part in ("vision_tower", "multi_modal_projector"):
+        a, b = getattr(large.model, part).state_dict(), getattr(describe.model, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    old = proc_l.tokenizer.get_vocab()
+    assert {w: i for w, i in proc_d.tokenizer.get_vocab().items() if w in old} == old
+    assert {"list", ",", "."} <= set(proc_d.tokenizer.get_vocab()) - set(old)
+    assert describe.config.text_config.vocab_size == len(proc_d.tokenizer.get_vocab())
 
 
 def test_standard_generate_flow(models, smoke_ds):
@@ -109,3 +117,16 @@ def test_keep_masks(models, smoke_ds):
         kept = oracle(r)
         assert len(kept) == 26 and set(r["object_patches"]) <= set(kept)
         assert not set(keep_fn("background", 0.1)(r)) & set(r["object_patches"])
+
+
+def test_describe_model_describes_and_carries_the_planted_prior(models):
+    """testbed-describe names almost every present object, and names the absent partner after its anchor."""
+    from vlm_accel.testbed.describe_validity import run_describe_validity
+
+    model, proc = models["testbed-describe"]
+    res = evaluate(model, proc, make_dataset(20, seed=SMOKE_SEED, families=["describe"]), batch_size=20)
+    assert res.recall >= 0.85 and res.partner_mention_rate >= 0.5 and res.chair_i > 0, res.summary()
+    rep = run_describe_validity(model, proc, n=20, seed=SMOKE_SEED, batch_size=20)
+    rates = {k: v["rate"] for k, v in rep.next_is_partner.items()}
+    assert rates["text_and_image"] >= 0.5 and rates["image_only"] <= 0.1, rates
+    assert rep.next_is_anchor_image_only["rate"] >= 0.8  # with the anchor left out of the text, it names the anchor

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .configs import MODEL_NAMES
+
 DEFAULT_EVAL_SEED = 20_261_124  # never used in training (training batches use their own seed stream)
 
 
@@ -15,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
     t = sub.add_parser("train", help="train a testbed model (reproducible from --seed, resumable)")
-    t.add_argument("--model", required=True, choices=["testbed-s", "testbed-l"])
+    t.add_argument("--model", required=True, choices=list(MODEL_NAMES))
     t.add_argument("--out", required=True, help="output directory (checkpoint/ inside it is resumed)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=5200)
@@ -57,6 +59,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--prior-items", type=float, default=0.0,
                    help="share of images built around an anchor whose partner is absent (with --prior-yes-p)")
     t.add_argument("--prior-from", type=int, default=0, help="first step of --prior-yes-p")
+    t.add_argument("--describe-rows", type=float, default=0.0,
+                   help="share of rows holding a 'list the objects .' turn (testbed-describe only)")
+    t.add_argument("--describe-absent-items", type=float, default=0.5,
+                   help="share of describe rows built around a present anchor whose partner is absent")
+    t.add_argument("--describe-prior", type=float, default=0.6,
+                   help="probability that a description names an absent partner after its anchor (language prior)")
+    t.add_argument("--primed-p", type=float, default=0.5,
+                   help="probability that a row with an anchor asks the primed question about its partner")
+    t.add_argument("--primed-yes-p", type=float, default=0.5,
+                   help="probability that a primed question about an absent partner is answered 'yes'")
+    t.add_argument("--freeze-projector", action="store_true", help="keep the projector frozen (testbed-describe)")
     t.add_argument("--ckpt-every", type=int, default=100)
     t.add_argument("--eval-every", type=int, default=250)
     t.add_argument("--no-progress", action="store_true")
@@ -74,13 +87,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         e.add_argument("--json", help="write the result as JSON here")
         if name == "validity":
             e.add_argument("--keep-ratio", type=float, default=0.1)
+            e.add_argument("--describe", action="store_true",
+                           help="the describe family's check instead: is the partner hallucination text-driven?")
         else:
-            e.add_argument("--families", nargs="*", default=None)
+            e.add_argument("--families", nargs="*", default=None,
+                           help="default: the five families, plus describe and primed for testbed-describe")
         e.set_defaults(func=fn)
 
     k = sub.add_parser("package", help="copy a finished run's weights + processor into the package")
     k.add_argument("src")
-    k.add_argument("--model", required=True, choices=["testbed-s", "testbed-l"])
+    k.add_argument("--model", required=True, choices=list(MODEL_NAMES))
     k.set_defaults(func=_package)
 
     d = sub.add_parser("tasks", help="pre-generate the lm-eval task data (cached with save_to_disk)")
@@ -104,6 +120,9 @@ def _train(args: argparse.Namespace) -> int:
         prior_yes_p=args.prior_yes_p, prior_items=args.prior_items, prior_from=args.prior_from, count_probe_layer=args.count_probe_layer,
         count_probe_head=args.count_probe_head, count_probe_weight=args.count_probe_weight,
         count_probe_from=args.count_probe_from, schedule_from=args.schedule_from, stop_at=args.stop_at,
+        describe_rows=args.describe_rows, describe_absent_items=args.describe_absent_items,
+        describe_prior=args.describe_prior, primed_p=args.primed_p, primed_yes_p=args.primed_yes_p,
+        freeze_projector=args.freeze_projector,
     )  # fmt: skip
     out = train(cfg, progress=not args.no_progress)
     print(f"saved {args.model} to {out}")
@@ -111,13 +130,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _family_weights(items: list[str]) -> dict[str, float]:
+    from .describe import DESCRIBE_FAMILIES
     from .questions import FAMILIES
 
     out = {}
     for item in items:
         fam, _, w = item.partition("=")
-        if fam not in FAMILIES or not w:
-            raise SystemExit(f"--family-weight expects FAMILY=W with FAMILY in {FAMILIES}, got {item!r}")
+        if fam not in FAMILIES + DESCRIBE_FAMILIES or not w:
+            raise SystemExit(f"--family-weight expects FAMILY=W with FAMILY in {FAMILIES + DESCRIBE_FAMILIES}, "
+                             f"got {item!r}")  # fmt: skip
         out[fam] = float(w)
     return out
 
@@ -145,10 +166,15 @@ def _eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .dataset import make_dataset
+    from .describe import DESCRIBE_FAMILIES
     from .evaluate import evaluate
+    from .questions import FAMILIES
 
     model, processor = _load(args)
-    ds = make_dataset(args.n, args.seed, families=args.families)
+    families = args.families
+    if families is None and "list" in processor.tokenizer.get_vocab():  # a describe model
+        families = [*FAMILIES, *DESCRIBE_FAMILIES]
+    ds = make_dataset(args.n, args.seed, families=families)
     res = evaluate(model, processor, ds, batch_size=args.batch_size, progress=True)
     table = Table(title=f"{args.model} on seed {args.seed} (n={args.n})")
     for col in ("family", "n", "accuracy"):
@@ -160,6 +186,14 @@ def _eval(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"exist F1 {_f(res.exist_f1)}; yes-rate present {_f(res.yes_rate_present)}, absent (random) "
                   f"{_f(res.yes_rate_absent)}, absent co-occurring partner {_f(res.yes_rate_absent_cooccur)}")  # fmt: skip
+    if res.chair_i is not None:
+        console.print(f"describe: CHAIR_I {_f(res.chair_i)} {_ci(res.chair_i_ci)}, CHAIR_S {_f(res.chair_s)} "
+                      f"{_ci(res.chair_s_ci)}, recall {_f(res.recall)} {_ci(res.recall_ci)} ({res.mentions} mentions, "
+                      f"{res.n['describe']} descriptions); absent partner named in "
+                      f"{_f(res.partner_mention_rate)} of the absent_cooccur scenes")  # fmt: skip
+    if res.primed_yes_rate_absent is not None:
+        console.print(f"primed: yes-rate on absent partners {_f(res.primed_yes_rate_absent)}, on present partners "
+                      f"{_f(res.primed_yes_rate_present)}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "seed": args.seed, **res.as_dict()}, indent=1))
     return 0
@@ -169,6 +203,32 @@ def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _ci(ci: tuple[float, float] | None) -> str:
+    return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _describe_validity(args: argparse.Namespace) -> int:
+    from .describe_validity import CELLS, run_describe_validity
+
+    model, processor = _load(args)
+    rep = run_describe_validity(model, processor, n=args.n, seed=args.seed, batch_size=args.batch_size)
+    print(f"describe validity of {args.model}: seed {args.seed}, n={args.n}; share of next mentions that name the "
+          "absent partner")  # fmt: skip
+    for c in CELLS:
+        r = rep.next_is_partner[c]
+        print(f"  {c:15s} {r['rate']:.3f} {_ci(r['ci95'])}")
+    print(f"  (image_only: the next mention is the visible anchor in {rep.next_is_anchor_image_only['rate']:.3f})")
+    print("yes-rate on the absent partner: " + ", ".join(f"{k} {v['rate']:.3f}" for k, v in rep.yes_rate.items()))
+    print(f"free generation: partner named {rep.free_partner_given_anchor['rate']:.3f} of the times the model named "
+          f"the anchor (n={rep.free_partner_given_anchor['n']}), {rep.free_partner_without_anchor['rate']:.3f} "
+          f"otherwise (n={rep.free_partner_without_anchor['n']})")  # fmt: skip
+    ok = rep.passed()
+    print("text-driven: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in ok.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, **rep.as_dict()}, indent=1))
+    return 0 if all(ok.values()) else 1
+
+
 def _validity(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -176,6 +236,8 @@ def _validity(args: argparse.Namespace) -> int:
     from .dataset import make_dataset
     from .validity import CONFIGS, run_validity
 
+    if args.describe:
+        return _describe_validity(args)
     model, processor = _load(args)
     ds = make_dataset(args.n, args.seed)
     rep = run_validity(model, processor, ds, keep_ratio=args.keep_ratio, batch_size=args.batch_size,

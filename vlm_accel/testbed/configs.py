@@ -1,6 +1,7 @@
-"""Model configurations of the two testbed models (real ``LlavaConfig`` = ``CLIPVisionConfig`` + ``LlamaConfig``).
+"""Model configurations of the testbed models (real ``LlavaConfig`` = ``CLIPVisionConfig`` + ``LlamaConfig``).
 
-Both models share one vision tower (identical weights) and one processor. ``vision_feature_layer=-2`` (as in LLaVA-1.5)
+All share one vision tower (identical weights); testbed-s and testbed-l share one processor, ``testbed-describe``
+(testbed-l's geometry and projector) adds the describe family's words to the vocabulary. ``vision_feature_layer=-2`` (as in LLaVA-1.5)
 selects, for this 1-layer CLIP tower, ``hidden_states[0]``: the CLIP *embedding* output (patch embedding + position embedding + pre-LayerNorm): every visual token is a function of
 its own 16×16 patch only, so background tokens carry no object information, as in real VLMs where object
 information sits on object tokens. The one CLIP encoder layer exists only because the hidden-state capture needs ≥ 1 layer
@@ -15,7 +16,10 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 from .processor import IMAGE, vocabulary
 from .scenes import IMAGE_SIZE, PATCH_SIZE
 
-MODEL_NAMES: tuple[str, ...] = ("testbed-s", "testbed-l")
+MODEL_NAMES: tuple[str, ...] = ("testbed-s", "testbed-l", "testbed-describe")
+# models with the describe family's extended vocabulary (``processor.DESCRIBE_WORDS``); ``testbed-describe`` is
+# testbed-l's architecture, fine-tuned from testbed-l's language model with testbed-l's frozen tower and projector
+DESCRIBE_MODELS: tuple[str, ...] = ("testbed-describe",)
 
 VISION_KW = dict(
     hidden_size=192,
@@ -30,16 +34,18 @@ VISION_KW = dict(
 TEXT_KW: dict[str, dict] = {
     "testbed-l": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
                       num_key_value_heads=4),
+    "testbed-describe": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
+                             num_key_value_heads=4),
     "testbed-s": dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=4),
 }  # fmt: skip
 
 
 def make_config(name: str) -> LlavaConfig:
-    """The ``LlavaConfig`` of a testbed model (``testbed-s`` or ``testbed-l``)."""
+    """The ``LlavaConfig`` of a testbed model (``testbed-s``, ``testbed-l`` or ``testbed-describe``)."""
     if name not in TEXT_KW:
         raise ValueError(f"unknown testbed model {name!r}; expected one of {MODEL_NAMES}")
-    vocab = vocabulary()
+    vocab = vocabulary(describe=name in DESCRIBE_MODELS)
     ids = {w: i for i, w in enumerate(vocab)}
     text = LlamaConfig(
         vocab_size=len(vocab),

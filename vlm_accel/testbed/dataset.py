@@ -4,7 +4,8 @@
 Different splits draw from disjoint seed streams (training batches use yet another stream, see ``packing.py``).
 Families are interleaved round-robin, so any prefix of the dataset is balanced; ``exist`` cycles through
 ``present, absent, present, absent_cooccur`` (half present, a quarter random absent, a quarter absent co-occurring
-partner, POPE-style).
+partner, POPE-style). The describe families (``describe.py``; opt-in through ``families``) alternate their subtypes:
+``describe`` natural / absent_cooccur, ``primed`` present / absent_cooccur.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import datasets
 import numpy as np
 
+from .describe import DESCRIBE_FAMILIES, DESCRIBE_SUBTYPES, PRIMED_SUBTYPES, sample_describe_eval_item
 from .questions import FAMILIES, QA, make_qa, sample_eval_item
 from .scenes import COOCCUR_PAIRS, GRID, MAX_OBJECTS, NUM_PATCHES, Scene, build_scene, render, sample_types
 
@@ -47,24 +49,34 @@ def _rng(seed: int, split: str, i: int, salt: int = 0) -> np.random.Generator:
 
 def make_item(seed: int, i: int, family: str, split: str = "test", subtype: str | None = None) -> tuple[Scene, QA]:
     """The ``i``-th item of a dataset: its scene and question (deterministic)."""
+    if family in DESCRIBE_FAMILIES:
+        default = DESCRIBE_SUBTYPES[0] if family == "describe" else PRIMED_SUBTYPES[0]
+        return sample_describe_eval_item(_rng(seed, split, i), family, subtype or default)
     return sample_eval_item(_rng(seed, split, i), family, subtype)
+
+
+def _subtype_cycle(family: str) -> tuple[str, ...] | None:
+    return {"exist": EXIST_CYCLE, "describe": DESCRIBE_SUBTYPES, "primed": PRIMED_SUBTYPES}.get(family)
 
 
 def make_dataset(n: int, seed: int, split: str = "test", families: Sequence[str] | None = None) -> datasets.Dataset:
     """``n`` seeded visual-QA items with columns ``image`` (PIL), ``question``, ``answer``, ``family``, ``subtype``
     (exist only: ``present`` / ``absent`` / ``absent_cooccur``), ``spec`` (JSON of the scene: objects with shape,
-    colour, size, bbox, patch index), ``object_patches`` (visual-token indices holding objects) and ``index``."""
+    colour, size, bbox, patch index), ``object_patches`` (visual-token indices holding objects) and ``index``.
+    ``families`` may include the describe families ``describe`` (answer: the reference description) and
+    ``primed`` (see ``describe.py``)."""
     fams = tuple(families) if families else FAMILIES
-    bad = [f for f in fams if f not in FAMILIES]
+    bad = [f for f in fams if f not in FAMILIES + DESCRIBE_FAMILIES]
     if bad:
-        raise ValueError(f"unknown families {bad}; expected a subset of {FAMILIES}")
+        raise ValueError(f"unknown families {bad}; expected a subset of {FAMILIES + DESCRIBE_FAMILIES}")
     rows: dict[str, list] = {k: [] for k in _features()}
     per_family: dict[str, int] = {}
     for i in range(n):
         fam = fams[i % len(fams)]
         k = per_family.get(fam, 0)
         per_family[fam] = k + 1
-        sub = EXIST_CYCLE[k % len(EXIST_CYCLE)] if fam == "exist" else None
+        cycle = _subtype_cycle(fam)
+        sub = cycle[k % len(cycle)] if cycle else None
         scene, qa = make_item(seed, i, fam, split, sub)
         rows["image"].append(render(scene))
         rows["question"].append(qa.question)

@@ -10,11 +10,12 @@ a pure function of ``(seed, step)``, so training is reproducible and resumable w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 
+from .describe import PARTNER_OF, anchor_scene, describe_qa, primed_qa, training_description
 from .processor import vocabulary
 from .questions import COLOR_NAMES, FAMILIES, QA, SHAPES, sample_training_qas
 from .scenes import MAX_COUNT, NUM_PATCHES, Scene, render, sample_scene, type_index
@@ -48,7 +49,33 @@ class Batch:
         )
 
 
-_VOCAB = {w: i for i, w in enumerate(vocabulary())}
+# the describe vocabulary extends testbed-l's (same ids, words appended), so one table serves every model; batches
+# without the describe families never contain the appended words
+_VOCAB = {w: i for i, w in enumerate(vocabulary(describe=True))}
+
+
+@dataclass(frozen=True)
+class DescribeMix:
+    """How the describe families enter training batches (``testbed-describe``; see ``describe.py``).
+
+    * ``rows``: share of a batch's rows holding a single ``list the objects .`` turn (its own image); of these,
+      ``absent_items`` are built around a present anchor whose partner is absent, the rest are natural scenes;
+      the target is :func:`describe.training_description` with the planted prior ``prior``.
+    * ``primed_p``: probability that an ordinary row whose scene has an anchor replaces one question by the primed
+      question about the partner; an absent partner is answered "yes" with probability ``primed_yes_p``.
+    """
+
+    rows: float = 0.25
+    absent_items: float = 0.5
+    prior: float = 0.6
+    primed_p: float = 0.5
+    primed_yes_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            name, v = f.name, getattr(self, f.name)
+            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"DescribeMix.{name} must be a number in [0, 1], got {v!r}")
 
 
 def _ids(text: str) -> list[int]:
@@ -72,7 +99,11 @@ def relevant_patches(scene: Scene, qa: QA) -> np.ndarray:
     """Bool (256,) mask of the visual tokens a question is about (empty for absent objects / zero counts)."""
     m = np.zeros(NUM_PATCHES, dtype=bool)
     for o in scene.objects:
-        if qa.family == "color":
+        if qa.family == "describe":
+            hit = False
+        elif qa.family == "primed":  # the partner asked about
+            hit = (o.color, o.shape) == tuple(qa.args[2:4])
+        elif qa.family == "color":
             hit = o.shape == qa.args[0]
         elif qa.family == "shape":
             hit = o.color == qa.args[0]
@@ -84,8 +115,27 @@ def relevant_patches(scene: Scene, qa: QA) -> np.ndarray:
     return m
 
 
+def answer_word_patches(scene: Scene, qa: QA) -> list[np.ndarray]:
+    """The visual tokens each answer word refers to (for the retrieval probe): a description's colour and shape
+    words point at the objects of the type they name (none for a planted absent partner, none for ","); a
+    one-word answer points at :func:`relevant_patches`."""
+    words = qa.answer.split()
+    if qa.family != "describe":
+        return [relevant_patches(scene, qa)] * len(words)
+    out = []
+    for i, w in enumerate(words):
+        m = np.zeros(NUM_PATCHES, dtype=bool)
+        if w != ",":
+            k = i - i % 3  # mentions are "colour shape" followed by ","
+            for o in scene.objects:
+                m[o.patch] |= (o.color, o.shape) == (words[k], words[k + 1])
+        out.append(m)
+    return out
+
+
 def encode_conversation(qas: list[QA], image_tokens: int = NUM_PATCHES) -> tuple[list[int], list[int], list[str]]:
-    """Token ids of a packed conversation, the positions of answer/EOS targets, and each target's family."""
+    """Token ids of a packed conversation, the positions of answer/EOS targets, and each target's family (every
+    word of a multi-word answer, such as a description, is a target of the answer's family)."""
     ids = [_VOCAB["<bos>"], *_ids("user :"), *([_VOCAB["<image>"]] * image_tokens)]
     pos: list[int] = []
     fams: list[str] = []
@@ -93,9 +143,10 @@ def encode_conversation(qas: list[QA], image_tokens: int = NUM_PATCHES) -> tuple
         if i > 0:
             ids += _ids("user :")
         ids += _ids(qa.question) + _ids("assistant :")
-        pos.append(len(ids))
-        fams.append(qa.family)
-        ids.append(_VOCAB[qa.answer])
+        for word in _ids(qa.answer):
+            pos.append(len(ids))
+            fams.append(qa.family)
+            ids.append(word)
         pos.append(len(ids))
         fams.append("eos")
         ids.append(_VOCAB["<eos>"])
@@ -135,20 +186,56 @@ def sample_training_item(
     return scene, [qas[int(i)] for i in order]
 
 
+def sample_describe_item(rng: np.random.Generator, mix: DescribeMix) -> tuple[Scene, list[QA]]:
+    """A describe-only training row: one scene and its ``list the objects .`` turn with the planted prior."""
+    if rng.random() < mix.absent_items:
+        scene, _ = anchor_scene(rng, partner_present=False)
+    else:
+        scene = sample_scene(rng)
+    qa = describe_qa(scene)
+    return scene, [replace(qa, answer=training_description(scene, rng, mix.prior))]
+
+
+def add_primed_question(scene: Scene, qas: list[QA], rng: np.random.Generator, mix: DescribeMix) -> list[QA]:
+    """With probability ``mix.primed_p`` (when an anchor is present), the last question becomes the primed question
+    about a present anchor's partner; an absent partner is answered "yes" with probability ``mix.primed_yes_p``."""
+    anchors = [a for a in PARTNER_OF if scene.has(*a)]
+    if not anchors or rng.random() >= mix.primed_p:
+        return qas
+    qa = primed_qa(scene, anchors[int(rng.integers(len(anchors)))])
+    if qa.answer == "no" and rng.random() < mix.primed_yes_p:
+        qa = replace(qa, answer="yes")
+    return [*qas[:-1], qa] if qas else [qa]
+
+
 def make_batch(
-    seed: int, step: int, batch_size: int, qas_per_image: int, prior_yes_p: float = 0.0, prior_items: float = 0.0
+    seed: int,
+    step: int,
+    batch_size: int,
+    qas_per_image: int,
+    prior_yes_p: float = 0.0,
+    prior_items: float = 0.0,
+    describe: DescribeMix | None = None,
 ) -> Batch:
-    """The training batch for ``step`` (a pure function of ``seed``, ``step`` and the settings)."""
+    """The training batch for ``step`` (a pure function of ``seed``, ``step`` and the settings). With
+    ``describe``, the first ``round(describe.rows · batch_size)`` rows are describe-only rows and the others may
+    carry a primed question (:class:`DescribeMix`); without it the batch is what it was before the family existed."""
     rng = np.random.default_rng([seed, step, 7919])
     images, seqs, labels = [], [], []
     rows, poss, fams, rel = [], [], [], []
+    n_describe = int(round(describe.rows * batch_size)) if describe is not None else 0
     for b in range(batch_size):
-        scene, qas = sample_training_item(rng, qas_per_image, prior_yes_p, prior_items)
+        if b < n_describe:
+            scene, qas = sample_describe_item(rng, describe)
+        else:
+            scene, qas = sample_training_item(rng, qas_per_image, prior_yes_p, prior_items)
+            if describe is not None:
+                qas = add_primed_question(scene, qas, rng, describe)
         images.append(render(scene))
         labels.append(patch_labels(scene))
-        for qa in qas:
-            rel += [relevant_patches(scene, qa), np.zeros(NUM_PATCHES, dtype=bool)]  # answer, <eos>
         ids, pos, fam = encode_conversation(qas)
+        for qa in qas:  # each answer word, then <eos>
+            rel += [*answer_word_patches(scene, qa), np.zeros(NUM_PATCHES, dtype=bool)]
         seqs.append(ids)
         rows += [b] * len(pos)
         poss += pos

@@ -22,6 +22,10 @@ TEMPLATE_WORDS: tuple[str, ...] = (
     "are", "there", "a", "where", "which", "frame", "last", "in", "of", "and", "image", "yes", "no",
 )  # fmt: skip
 
+# Words only the describe family uses (``describe.py``): appended after every other word, so a model trained on the
+# extended vocabulary (``testbed-describe``) keeps the ids of testbed-l's vocabulary and only adds rows.
+DESCRIBE_WORDS: tuple[str, ...] = ("list", ",", ".")
+
 # Chat template: "user : <image> {question} assistant :" then "{answer} <eos>" for assistant turns. The BOS is added
 # by the tokenizer's post-processor, not by the template.
 CHAT_TEMPLATE = (
@@ -47,8 +51,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def vocabulary() -> list[str]:
-    """The ordered vocabulary (special tokens first; ids are stable for a given generator version)."""
+def vocabulary(describe: bool = False) -> list[str]:
+    """The ordered vocabulary (special tokens first; ids are stable for a given generator version).
+
+    ``describe=True`` appends :data:`DESCRIBE_WORDS` (the ``testbed-describe`` vocabulary): the first
+    ``len(vocabulary())`` ids are unchanged."""
     words: list[str] = []
     for w in (
         *TEMPLATE_WORDS,
@@ -60,12 +67,12 @@ def vocabulary() -> list[str]:
     ):
         if w not in words:
             words.append(w)
-    return list(SPECIALS) + words
+    return list(SPECIALS) + words + (list(DESCRIBE_WORDS) if describe else [])
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(describe: bool = False) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer over :func:`vocabulary`, left padding, ``<bos>`` prepended."""
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = {w: i for i, w in enumerate(vocabulary(describe))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
@@ -85,9 +92,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_processor() -> LlavaProcessor:
-    """The shared ``LlavaProcessor``: 256×256 images, patch 16 → 256 ``<image>`` tokens per image (CLS dropped)."""
-    tokenizer = build_tokenizer()
+def build_processor(describe: bool = False) -> LlavaProcessor:
+    """The shared ``LlavaProcessor``: 256×256 images, patch 16 → 256 ``<image>`` tokens per image (CLS dropped).
+
+    ``describe=True``: the tokenizer of ``testbed-describe`` (:data:`DESCRIBE_WORDS` appended)."""
+    tokenizer = build_tokenizer(describe)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -106,7 +115,7 @@ def build_processor() -> LlavaProcessor:
     )
 
 
-def token_ids(words: str) -> list[int]:
+def token_ids(words: str, describe: bool = False) -> list[int]:
     """Word ids for a space-separated string (no BOS), e.g. for building training sequences directly."""
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = {w: i for i, w in enumerate(vocabulary(describe))}
     return [vocab[w] for w in words.split()]

@@ -6,6 +6,11 @@
 * ``testbed-l`` trains the vision tower, projector and language model jointly; ``testbed-s`` copies the vision tower
   of a trained ``testbed-l`` (``--vision-from``), freezes it (so both models share identical vision weights) and
   trains its own projector and language model.
+* ``testbed-describe`` (issue #15) starts from a trained testbed-l (``--init-from``): its vocabulary adds the
+  describe family's words (``processor.DESCRIBE_WORDS``), so the embedding and output rows of testbed-l are copied
+  and the new rows start at the mean of the old ones; the vision tower and (``freeze_projector``) the projector stay
+  frozen, so it sees exactly testbed-l's visual tokens. The describe family enters the batches through
+  ``describe_rows`` etc. (``packing.DescribeMix``).
 * Loss: cross-entropy on answer and end-of-answer tokens only (several QAs packed per image), plus a dense auxiliary
   per-visual-token loss (a linear probe on the projector output predicting the object type / background and the
   quadrant of each token). The probe is training-only and not part of the shipped model; it makes the per-patch
@@ -27,8 +32,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from .configs import MODEL_NAMES, make_config
-from .packing import AUX_BACKGROUND, Batch, encode_conversation, make_batch, patch_labels, pixel_values
+from .configs import DESCRIBE_MODELS, MODEL_NAMES, make_config
+from .packing import (
+    AUX_BACKGROUND,
+    Batch,
+    DescribeMix,
+    encode_conversation,
+    make_batch,
+    patch_labels,
+    pixel_values,
+)
 from .processor import build_processor
 from .questions import FAMILIES, sample_eval_item
 from .scenes import GRID, NUM_PATCHES, render
@@ -90,6 +103,14 @@ class TrainConfig:
     prior_yes_p: float = 0.0
     prior_items: float = 0.0
     prior_from: int = 0
+    # describe family (testbed-describe only; see packing.DescribeMix): share of describe-only rows, share of those
+    # built around an absent partner, the planted prior in their targets, primed questions and their prior
+    describe_rows: float = 0.0
+    describe_absent_items: float = 0.5
+    describe_prior: float = 0.6
+    primed_p: float = 0.5
+    primed_yes_p: float = 0.5
+    freeze_projector: bool = False
     ckpt_every: int = 100
     eval_every: int = 250
     eval_per_family: int = 40
@@ -295,6 +316,34 @@ def answer_loss(logits: torch.Tensor, targets: torch.Tensor, families: list[str]
     return (F.cross_entropy(logits, targets, reduction="none") * w).sum() / w.sum()
 
 
+def describe_mix(cfg: TrainConfig) -> DescribeMix | None:
+    """The describe family's batch mix of a run (None when ``describe_rows`` is 0)."""
+    if cfg.describe_rows <= 0:
+        return None
+    if cfg.model not in DESCRIBE_MODELS:
+        raise ValueError(f"the describe family needs the extended vocabulary of {DESCRIBE_MODELS}, not {cfg.model!r}")
+    return DescribeMix(rows=cfg.describe_rows, absent_items=cfg.describe_absent_items, prior=cfg.describe_prior,
+                       primed_p=cfg.primed_p, primed_yes_p=cfg.primed_yes_p)  # fmt: skip
+
+
+def load_resized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``model`` where only the vocabulary grew: embedding and output rows are copied, the new
+    rows set to the mean of the copied ones (any other shape mismatch is an error)."""
+    own = model.state_dict()
+    if own.keys() != state.keys():
+        raise ValueError(f"state dicts differ in keys: {sorted(own.keys() ^ state.keys())[:4]}")
+    fixed = {}
+    for k, v in state.items():
+        if v.shape == own[k].shape:
+            fixed[k] = v
+        elif v.ndim == 2 and v.shape[1] == own[k].shape[1] and v.shape[0] < own[k].shape[0]:
+            grown = v.mean(0, keepdim=True).expand(own[k].shape[0] - v.shape[0], -1)
+            fixed[k] = torch.cat([v, grown]).to(own[k].dtype)
+        else:
+            raise ValueError(f"{k}: cannot load shape {tuple(v.shape)} into {tuple(own[k].shape)}")
+    model.load_state_dict(fixed)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     step, steps = step - cfg.schedule_from, cfg.steps - cfg.schedule_from
     if step < cfg.warmup:
@@ -311,7 +360,7 @@ def build_model(cfg: TrainConfig) -> LlavaForConditionalGeneration:
     model = LlavaForConditionalGeneration(make_config(cfg.model))
     if cfg.init_from:
         src = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
-        model.load_state_dict(src.state_dict())
+        load_resized(model, src.state_dict())
     if cfg.vision_from:
         path = Path(cfg.vision_from)
         if path.is_file():  # a vision_tower.safetensors written by a testbed-l run (see ``freeze_vision_at``)
@@ -320,6 +369,8 @@ def build_model(cfg: TrainConfig) -> LlavaForConditionalGeneration:
             src = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
             model.model.vision_tower.load_state_dict(src.model.vision_tower.state_dict())
         model.model.vision_tower.requires_grad_(False)
+    if cfg.freeze_projector:
+        model.model.multi_modal_projector.requires_grad_(False)
     return model
 
 
@@ -476,6 +527,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     model = build_model(cfg).to(cfg.device)
     aux = AuxHead(model.config.text_config.hidden_size).to(cfg.device)
     opt = make_optimizer(model, aux, cfg)
+    mix = describe_mix(cfg)
     start, log = 0, []
     ck = out / CKPT_DIR
     if (ck / "state.json").exists():
@@ -503,7 +555,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             if cfg.freeze_vision_at is not None and step >= cfg.freeze_vision_at:
                 freeze_vision(model, out)
             prior = cfg.prior_yes_p if step >= cfg.prior_from else 0.0
-            batch = make_batch(cfg.seed, step, cfg.batch_size, cfg.qas_per_image, prior, cfg.prior_items)
+            batch = make_batch(cfg.seed, step, cfg.batch_size, cfg.qas_per_image, prior, cfg.prior_items, mix)
             batch = batch.to(cfg.device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
@@ -520,7 +572,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 logits, feats = answer_logits(model, batch, keep_index=keep_index)
                 tgt = batch.input_ids[batch.target_rows, batch.target_pos]
                 lm_loss = answer_loss(logits, tgt, batch.target_family, cfg.family_weights)
-                aux_loss = aux.loss(feats, batch.patch_labels)
+                aux_loss = aux.loss(feats, batch.patch_labels) if cfg.aux_weight else lm_loss.detach() * 0
                 loss = lm_loss + cfg.aux_weight * aux_loss
                 if use_probe:
                     probe_loss = probe.loss(batch, model.config.image_token_id, keep_index)
@@ -540,6 +592,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 ok = (logits.argmax(-1) == tgt).float().cpu()
             ans = torch.tensor([f != "eos" for f in batch.target_family])
             metrics = [("loss", lm_loss.item()), ("aux", aux_loss.item()), ("acc", ok[ans].mean().item())]
+            if mix is not None:  # teacher-forced token accuracy of the description words
+                desc = torch.tensor([f == "describe" for f in batch.target_family])
+                metrics.append(("describe_acc", ok[desc].mean().item()))
             if use_probe:
                 metrics.append(("probe", probe_loss.item()))
             if use_counting:
@@ -551,6 +606,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 info += f" probe {ema['probe']:.3f}"
             if "count_probe" in ema:
                 info += f" count-probe {ema['count_probe']:.3f}"
+            if "describe_acc" in ema:
+                info += f" describe {ema['describe_acc']:.3f}"
             entry = {"step": step + 1, "time": time.time() - t0, **{k: round(v, 4) for k, v in ema.items()}}
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 entry["val"] = validate(model, val_batch, val_fams, cfg)
@@ -570,6 +627,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             p.remove()
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
-    build_processor().save_pretrained(out)
+    build_processor(describe=cfg.model in DESCRIBE_MODELS).save_pretrained(out)
     (out / "train_log.json").write_text(json.dumps({"config": asdict(cfg), "log": log}, indent=1))
     return out
