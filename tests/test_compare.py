@@ -137,3 +137,15 @@ def test_round_schedule_brackets_every_setting_with_reference_runs():
     assert refs == [None, 6.0, None, 6.0, None]
     with pytest.raises(ValueError, match="positions but"):
         bracket_references([0, 1], [1.0], max)
+
+
+def test_chair_phase_reports_chair_i_for_each_setting_or_why_not(tmp_path):
+    out = tmp_path / "out"
+    code = main(["compare", "--methods", "fastv,dyvte", "--keep", "0.25", "--n", "4", "--batch-size", "4",
+                 "--rounds", "1", "--chair", "4", "--out", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    rows = {r["label"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    for label in ("unpatched", "fastv"):
+        assert 0.0 <= rows[label]["chair_i"] <= 1.0 and rows[label]["chair_n"] == 4
+        assert 0.0 <= rows[label]["recall"] <= 1.0
+    assert "chair_i" not in rows["dyvte"] and "another model" in rows["dyvte"]["chair_skipped"]
