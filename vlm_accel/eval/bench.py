@@ -192,14 +192,14 @@ def testbed_inputs(model_name: str, batch: int, device: str, seed: int) -> dict:
 
 def bench_inputs(model: torch.nn.Module, batch: int, settings: BenchSettings) -> dict:
     """The prompts every arm is timed on (see ``--prompts`` in the module docstring)."""
-    if settings.resolved_prompts() == "testbed":
-        if settings.model not in _testbed_names():
-            raise ValueError(f"--prompts testbed needs a testbed model ({', '.join(_testbed_names())}), "
-                             f"got {settings.model!r}")  # fmt: skip
-        inputs = testbed_inputs(settings.model, batch, settings.device, settings.prompt_seed)
-        dtype = parse_dtype(settings.dtype)
-        return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
+    testbed = settings.resolved_prompts() == "testbed"
+    if testbed and settings.model not in _testbed_names():
+        raise ValueError(f"--prompts testbed needs a testbed model ({', '.join(_testbed_names())}), "
+                         f"got {settings.model!r}")  # fmt: skip
     dtype = parse_dtype(settings.dtype)
+    if testbed:
+        inputs = testbed_inputs(settings.model, batch, settings.device, settings.prompt_seed)
+        return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
     return synthetic_inputs(model.config, batch, settings.text_tokens, settings.device, dtype, settings.seed)
 
 
@@ -437,11 +437,7 @@ class BenchSettings:
             raise ValueError(f"--prompts must be auto, synthetic or testbed, got {self.prompts!r}")
         if self.prompts != "auto":
             return self.prompts
-        try:
-            from vlm_accel.testbed import MODEL_NAMES
-        except ImportError:
-            return "synthetic"
-        return "testbed" if self.model in MODEL_NAMES else "synthetic"
+        return "testbed" if self.model in _testbed_names() else "synthetic"
 
 
 def _static_row(model: torch.nn.Module, arm: Arm, batch: int, inputs: dict, settings: BenchSettings) -> dict:
